@@ -1,0 +1,32 @@
+"""streaming_adapters: load FP8 checkpoints shard by shard, dequantizing into each rank's own BF16 shard.
+
+Public API::
+
+    load_fp8_state_dict(state_dict, checkpoint_path, *, process_group=None, **options) -> LoadReport
+    get_adapter(checkpoint_path_or_config) / list_adapters() / register_adapter
+    StreamingFP8StorageReader       # the DCP storage reader, for use with torch.distributed.checkpoint.load
+"""
+
+from .errors import CheckpointError
+from .formats import (
+    StreamingFP8StateDictAdapter,
+    get_adapter,
+    list_adapters,
+    register_adapter,
+)
+from .load import load_fp8_state_dict
+from .reader import StreamingFP8StorageReader
+from .report import LoadReport
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "LoadReport",
+    "StreamingFP8StateDictAdapter",
+    "StreamingFP8StorageReader",
+    "get_adapter",
+    "list_adapters",
+    "load_fp8_state_dict",
+    "register_adapter",
+]

@@ -1,0 +1,298 @@
+"""The source checkpoint, from headers only: which tensor lives in which file at which bytes.
+
+A checkpoint is untrusted input.  Before any tensor byte is read we check, per file: the 8-byte header
+length is sane, the header is JSON, every entry has a known dtype, a shape, and ``data_offsets`` whose span
+equals ``numel * itemsize`` and lies inside the file (a truncated download fails here, naming the file and
+the first tensor that is cut off).  File names from ``model.safetensors.index.json`` must stay inside the
+checkpoint folder.
+
+Memory: headers only (DeepSeek-V3: 163 files, ~92k entries, ~15 MB of JSON parsed once per rank).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from ..errors import CorruptCheckpointError, UnsafePathError
+
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+MODELOPT_CONFIG_NAME = "hf_quant_config.json"
+
+# safetensors dtype string -> (torch dtype, bytes per element).  F8_E8M0 is here on purpose: DCP's own
+# metadata read raises KeyError('F8_E8M0') on UE8M0 scales (formats.md §1.2).
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "F8_E4M3": (torch.float8_e4m3fn, 1),
+    "F8_E5M2": (torch.float8_e5m2, 1),
+    "F8_E8M0": (torch.float8_e8m0fnu, 1),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U64": (torch.uint64, 8),
+    "U32": (torch.uint32, 4),
+    "U16": (torch.uint16, 2),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+FP8_WEIGHT_DTYPES = ("F8_E4M3",)
+
+# A real header is KBs to ~15 MB (DeepSeek-V3's largest is ~200 kB); 100 MB means the length is garbage.
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as stored: ``file`` is relative to the checkpoint folder, ``begin``/``end`` are absolute
+    byte offsets in that file."""
+
+    name: str
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype][0]
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype][1]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.dtype in FP8_WEIGHT_DTYPES
+
+
+@dataclass
+class CheckpointIndex:
+    """Headers of every safetensors file of a Hugging Face checkpoint folder, validated."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    config: dict[str, Any] = field(default_factory=dict)
+    modelopt_config: dict[str, Any] | None = None
+    file_sizes: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "CheckpointIndex":
+        root = Path(path)
+        if not root.is_dir():
+            raise CorruptCheckpointError(
+                "checkpoint path is not a folder",
+                file=str(root),
+                expected="a Hugging Face checkpoint folder (config.json + *.safetensors)",
+                fix="pass the folder that holds the safetensors files",
+            )
+        root = root.resolve()
+        config = _read_json(root / CONFIG_NAME) if (root / CONFIG_NAME).exists() else {}
+        modelopt = (
+            _read_json(root / MODELOPT_CONFIG_NAME) if (root / MODELOPT_CONFIG_NAME).exists() else None
+        )
+        weight_map = _weight_map(root)
+        files = sorted(set(weight_map.values())) if weight_map is not None else _glob_files(root)
+        if not files:
+            raise CorruptCheckpointError(
+                "no safetensors files in the checkpoint folder",
+                file=str(root),
+                expected="*.safetensors files (and model.safetensors.index.json if there are several)",
+                fix="check the path; .bin/.pt checkpoints must be converted to safetensors first",
+            )
+        tensors: dict[str, TensorInfo] = {}
+        sizes: dict[str, int] = {}
+        for rel in files:
+            full = _safe_join(root, rel, source=INDEX_NAME if weight_map is not None else "folder listing")
+            if not full.is_file():
+                raise CorruptCheckpointError(
+                    "the index names a file that does not exist",
+                    file=str(full),
+                    tensor=_first_key_for(weight_map, rel),
+                    expected=f"{rel} listed in {INDEX_NAME} to exist in {root}",
+                    fix="re-download the checkpoint; the download is incomplete",
+                )
+            sizes[rel] = full.stat().st_size
+            for info in _parse_header(full, rel, sizes[rel]):
+                if weight_map is not None and weight_map.get(info.name, rel) != rel:
+                    continue  # the index says this name lives elsewhere; trust the index, like transformers
+                if info.name in tensors:
+                    raise CorruptCheckpointError(
+                        "the same tensor is stored in two files",
+                        file=f"{tensors[info.name].file} and {rel}",
+                        tensor=info.name,
+                        expected="each tensor name in exactly one file",
+                        fix="add a model.safetensors.index.json that says which file holds it, or remove one copy",
+                    )
+                tensors[info.name] = info
+        if weight_map is not None:
+            missing = [k for k in weight_map if k not in tensors]
+            if missing:
+                raise CorruptCheckpointError(
+                    f"{len(missing)} tensor(s) listed in {INDEX_NAME} are not in the file the index names",
+                    file=str(root / weight_map[missing[0]]),
+                    tensor=missing[0],
+                    expected=f"{missing[0]} in the header of {weight_map[missing[0]]} (examples={missing[:3]})",
+                    fix="the index and the files disagree: re-download the checkpoint or regenerate the index",
+                )
+        return cls(path=root, tensors=tensors, config=config, modelopt_config=modelopt, file_sizes=sizes)
+
+    # -- views -----------------------------------------------------------------------------------
+    @property
+    def quantization_config(self) -> dict[str, Any] | None:
+        """``config.json``'s ``quantization_config``; for ModelOpt exports that only ship
+        ``hf_quant_config.json``, a config built from that file (``quant_method: modelopt``)."""
+        qc = self.config.get("quantization_config")
+        if qc is None and isinstance(self.config.get("text_config"), Mapping):
+            qc = self.config["text_config"].get("quantization_config")
+        if qc is None and self.modelopt_config is not None:
+            q = dict(self.modelopt_config.get("quantization", {}))
+            q["quant_method"] = "modelopt"
+            return q
+        return qc
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __getitem__(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def file_path(self, rel: str) -> Path:
+        return self.path / rel
+
+    @cached_property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptCheckpointError(
+            f"not valid JSON ({e})", file=str(path), expected="a JSON object",
+            fix="re-download or repair the file",
+        ) from None
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(
+            "JSON file does not hold an object", file=str(path), expected="a JSON object",
+            fix="re-download or repair the file",
+        )
+    return data
+
+
+def _weight_map(root: Path) -> dict[str, str] | None:
+    index_path = root / INDEX_NAME
+    if not index_path.exists():
+        return None
+    wm = _read_json(index_path).get("weight_map")
+    if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+        raise CorruptCheckpointError(
+            "index has no valid weight_map", file=str(index_path),
+            expected='{"weight_map": {"<tensor>": "<file>.safetensors", ...}}',
+            fix="regenerate the index, or delete it to let the folder's *.safetensors be read",
+        )
+    return wm
+
+
+def _glob_files(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.endswith(".safetensors") and p.is_file())
+
+
+def _safe_join(root: Path, rel: str, *, source: str) -> Path:
+    """Refuse names that leave the checkpoint folder: absolute paths, '..', or links pointing out."""
+    bad = os.path.isabs(rel) or any(part == ".." for part in Path(rel).parts) or "\x00" in rel
+    full = (root / rel).resolve() if not bad else None
+    if bad or (full is not None and root not in full.parents):
+        raise UnsafePathError(
+            "a file name points outside the checkpoint folder",
+            file=rel,
+            expected=f"a relative name inside {root} (named by {source})",
+            fix="do not load this checkpoint as it is; a checkpoint is untrusted input. Fix the index "
+            "or move the files into the folder",
+        )
+    return full
+
+
+def _first_key_for(weight_map: Mapping[str, str] | None, rel: str) -> str | None:
+    if not weight_map:
+        return None
+    return next((k for k, v in weight_map.items() if v == rel), None)
+
+
+def _parse_header(full: Path, rel: str, size: int) -> list[TensorInfo]:
+    def corrupt(problem: str, tensor: str | None = None, expected: str | None = None) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            problem, file=str(full), tensor=tensor, expected=expected,
+            fix="the file is damaged or incompletely downloaded: re-download it",
+        )
+
+    with open(full, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise corrupt(f"file is {size} bytes, too short for a safetensors header", expected=">= 8 bytes")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, _MAX_HEADER_BYTES):
+            raise corrupt(
+                f"header length field says {n} bytes but the file has {size - 8} after it",
+                expected="a header length that fits in the file",
+            )
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise corrupt(f"header is not valid JSON ({e})", expected="a JSON object") from None
+    if not isinstance(header, dict):
+        raise corrupt("header is not a JSON object", expected="a JSON object")
+    data_start = 8 + n
+    out: list[TensorInfo] = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(entry, dict):
+            raise corrupt("header entry is not an object", tensor=name)
+        dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPES:
+            raise corrupt(f"unknown dtype {dtype!r}", tensor=name, expected=f"one of {sorted(DTYPES)}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise corrupt(f"bad shape {shape!r}", tensor=name, expected="a list of non-negative ints")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+            raise corrupt(f"bad data_offsets {offs!r}", tensor=name, expected="[begin, end]")
+        nbytes = math.prod(shape) * DTYPES[dtype][1]
+        if offs[0] < 0 or offs[1] - offs[0] != nbytes:
+            raise corrupt(
+                f"data_offsets {offs} span {offs[1] - offs[0]} bytes",
+                tensor=name, expected=f"{nbytes} bytes for {dtype} {shape}",
+            )
+        if data_start + offs[1] > size:
+            raise corrupt(
+                f"file is truncated: it has {size} bytes, this tensor ends at byte {data_start + offs[1]}",
+                tensor=name, expected=f"at least {data_start + offs[1]} bytes",
+            )
+        out.append(TensorInfo(name, rel, dtype, tuple(shape), data_start + offs[0], data_start + offs[1]))
+    return out

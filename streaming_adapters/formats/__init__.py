@@ -1,0 +1,13 @@
+"""Scale-format adapters: one decorator registry keyed on ``(quant_method, layout)``.
+
+Importing this package registers the built-in adapters (fp8 block / tensor, compressed-tensors FP8,
+ModelOpt FP8, fbgemm_fp8, unquantized)."""
+
+from .base import AdapterPlan, LogicalTensor, ScaleGrid, StreamingFP8StateDictAdapter, grid_shape
+from .registry import get_adapter, list_adapters, register_adapter, unregister_adapter
+from . import compressed_tensors, fbgemm, hf_fp8, modelopt, unquantized  # noqa: F401  (registers them)
+
+__all__ = [
+    "AdapterPlan", "LogicalTensor", "ScaleGrid", "StreamingFP8StateDictAdapter", "grid_shape",
+    "get_adapter", "list_adapters", "register_adapter", "unregister_adapter",
+]

@@ -1,0 +1,232 @@
+"""The scale-format protocol: what an FP8 checkpoint's tensors mean, independent of the model family.
+
+An adapter turns a checkpoint's headers into :class:`LogicalTensor` entries, the tensors a user loads:
+
+* FP8 weights appear with a floating dtype (BF16 by default) and carry a :class:`ScaleGrid`;
+* their scales and activation / KV scales are *hidden* (kept out of the planner's metadata, but loadable
+  by name on request);
+* everything else is a plain tensor.
+
+Every FP8 scale layout in the wild is one case of a block grid with ceil division (formats.md §1.1):
+per-tensor = one block of the whole tensor, per-channel = blocks ``(1, K)``, group = ``(1, g)``,
+block = ``(bm, bn)``.  So an adapter only says *which* tensor is the scale, which block size it has and
+how its values are encoded; the numerics (``numerics/fp8.py``) handle all layouts with one code path.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Any, ClassVar, Iterable, Mapping
+
+import torch
+
+from ..checkpoint.index import CheckpointIndex, TensorInfo
+from ..errors import MissingScaleError, ScaleLayoutError
+
+# How stored scale values become fp32 multipliers.
+#   float:       F32 / BF16 / F16 values, used as they are
+#   e8m0:        F8_E8M0 (torch.float8_e8m0fnu): 2**(b-127), 0xFF = NaN
+#   u8_exponent: U8 bytes holding the same exponent as e8m0 (DeepSeek-V3.2 `scale_fmt: ue8m0` exports)
+SCALE_ENCODINGS = ("float", "e8m0", "u8_exponent")
+
+
+@dataclass(frozen=True)
+class ScaleGrid:
+    """A weight's scale: a grid of ``ceil(shape / block)`` multipliers, block ``(i, j)`` covering
+    rows ``[i*bm, min((i+1)*bm, N))`` and columns ``[j*bn, min((j+1)*bn, K))`` in global coordinates."""
+
+    tensor: TensorInfo
+    block: tuple[int, ...]
+    encoding: str = "float"
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return self.tensor.shape
+
+
+@dataclass(frozen=True)
+class LogicalTensor:
+    """A tensor as the planner sees it: name, global shape, dtype, where its bytes are, and its scale."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    stored: TensorInfo
+    scale: ScaleGrid | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale is not None
+
+
+def grid_shape(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(math.ceil(s / b) for s, b in zip(shape, block))
+
+
+class StreamingFP8StateDictAdapter:
+    """Base class of the scale-format adapters.  Subclass, set the class attributes, implement
+    :meth:`scale_block`, and decorate with :func:`~streaming_adapters.formats.register_adapter`.
+
+    Class attributes:
+        quant_method: the ``quantization_config.quant_method`` this adapter reads (``None``: no config).
+        layout: the scale layout it reads, a short name that tells adapters of one method apart.
+        scale_suffixes: names of a weight's scale, relative to its module (``X.weight`` -> ``X.<suffix>``).
+        hidden_suffixes: other per-module keys kept out of the planner (activation / KV scales).
+        description: one line for ``list_adapters()``.
+    """
+
+    quant_method: ClassVar[str | None] = None
+    layout: ClassVar[str] = ""
+    scale_suffixes: ClassVar[tuple[str, ...]] = ("weight_scale_inv",)
+    hidden_suffixes: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+    #: dtype of dequantized weights in the planner's metadata.  Destinations may be BF16, FP16 or FP32.
+    output_dtype: ClassVar[torch.dtype] = torch.bfloat16
+
+    def __init__(self, quant_config: Mapping[str, Any] | None, index: CheckpointIndex | None = None):
+        self.quant_config: dict[str, Any] = dict(quant_config or {})
+        self.index = index
+
+    # -- what subclasses implement --------------------------------------------------------------
+    @classmethod
+    def detect(cls, quant_config: Mapping[str, Any] | None, index: CheckpointIndex | None) -> bool:
+        """True if this adapter reads this checkpoint.  Called only for adapters registered under the
+        checkpoint's ``quant_method``; ``index`` is None when only a config is known."""
+        return True
+
+    def scale_block(self, weight: TensorInfo, scale: TensorInfo) -> tuple[int, ...]:
+        """The block size of ``scale`` over ``weight`` (one entry per weight dim).  Raise
+        :class:`~streaming_adapters.errors.ScaleLayoutError` when the pair is not of this format."""
+        raise NotImplementedError(f"{type(self).__name__} must implement scale_block()")
+
+    def scale_encoding(self, weight: TensorInfo, scale: TensorInfo) -> str:
+        if scale.dtype == "F8_E8M0":
+            return "e8m0"
+        if scale.dtype in ("F32", "BF16", "F16"):
+            return "float"
+        raise ScaleLayoutError(
+            f"scale dtype {scale.dtype} is not a scale encoding of {self.name}",
+            file=scale.file, tensor=scale.name, expected="F32, BF16, F16 or F8_E8M0",
+            fix="check the checkpoint's quantization_config; register an adapter for this encoding",
+        )
+
+    # -- generic planning -----------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return f"{self.quant_method or 'unquantized'}/{self.layout}"
+
+    def bind(self, index: CheckpointIndex) -> "StreamingFP8StateDictAdapter":
+        self.index = index
+        self.__dict__.pop("plan", None)
+        return self
+
+    def scale_name(self, weight_name: str) -> str | None:
+        """The scale tensor of ``weight_name`` present in the checkpoint, if any."""
+        if not weight_name.endswith(".weight"):
+            return None
+        module = weight_name[: -len(".weight")]
+        for suffix in self.scale_suffixes:
+            if f"{module}.{suffix}" in self._index:
+                return f"{module}.{suffix}"
+        return None
+
+    def is_hidden(self, name: str) -> bool:
+        leaf = name.rsplit(".", 1)[-1]
+        return leaf in self.scale_suffixes or leaf in self.hidden_suffixes
+
+    @property
+    def _index(self) -> CheckpointIndex:
+        if self.index is None:
+            raise RuntimeError(f"adapter {self.name} is not bound to a checkpoint: call .bind(index)")
+        return self.index
+
+    @cached_property
+    def plan(self) -> "AdapterPlan":
+        """Logical tensors and hidden tensors of the bound checkpoint, validated pair by pair."""
+        logical: dict[str, LogicalTensor] = {}
+        hidden: dict[str, TensorInfo] = {}
+        used_scales: set[str] = set()
+        for name, info in self._index.tensors.items():
+            if self.is_hidden(name):
+                hidden[name] = info
+                continue
+            scale_name = self.scale_name(name)
+            if info.is_fp8:
+                if scale_name is None:
+                    raise MissingScaleError(
+                        "FP8 weight without a scale: its codes cannot be dequantized",
+                        file=str(self._index.file_path(info.file)), tensor=name,
+                        expected=f"a scale named {self._expected_scale_names(name)}",
+                        fix="the checkpoint is incomplete or uses another scale name; register an adapter "
+                        "with the right scale_suffixes (docs/adapters.md)",
+                    )
+                scale = self._index[scale_name]
+                block = self.scale_block(info, scale)
+                grid_dims = self._check_grid(info, scale, block)
+                # Same bytes, viewed with the grid's shape, so windows are read in weight coordinates.
+                grid = ScaleGrid(replace(scale, shape=grid_dims), block, self.scale_encoding(info, scale))
+                logical[name] = LogicalTensor(name, info.shape, self.output_dtype, info, grid)
+                used_scales.add(scale_name)
+            else:
+                if scale_name is not None:
+                    raise ScaleLayoutError(
+                        f"a scale is stored for a {info.dtype} tensor, which is not FP8",
+                        file=str(self._index.file_path(info.file)), tensor=name,
+                        expected=f"{name} stored as F8_E4M3 because {scale_name} exists",
+                        fix="the checkpoint mixes formats; re-export it, or drop the stray scale",
+                    )
+                logical[name] = LogicalTensor(name, info.shape, info.torch_dtype, info, None)
+        return AdapterPlan(logical, hidden)
+
+    def _expected_scale_names(self, weight_name: str) -> str:
+        module = weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
+        return " or ".join(f"{module}.{s}" for s in self.scale_suffixes)
+
+    def _check_grid(self, weight: TensorInfo, scale: TensorInfo, block: tuple[int, ...]) -> tuple[int, ...]:
+        """Return the grid shape; accept the stored scale when it is the grid itself, the one-block grid
+        stored as ``[]``/``[1]``, or the grid without its trailing 1s (channel ``[N]``, per-expert ``[E]``)."""
+        want = grid_shape(weight.shape, block)
+        got = scale.shape
+        ok = (
+            got == want
+            or (math.prod(want) == 1 and math.prod(got) == 1)
+            or (len(got) < len(want) and want[: len(got)] == got and all(d == 1 for d in want[len(got):]))
+        )
+        if not ok:
+            raise ScaleLayoutError(
+                f"scale grid {list(got)} does not match weight {list(weight.shape)} with block {list(block)}",
+                file=str(self._index.file_path(scale.file)), tensor=scale.name,
+                expected=f"grid {list(want)} = ceil({list(weight.shape)} / {list(block)})",
+                fix="the config's block size (weight_block_size / strategy) does not match the stored "
+                "scales; fix quantization_config or re-export the checkpoint",
+            )
+        return want
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    logical: dict[str, LogicalTensor]
+    hidden: dict[str, TensorInfo]
+
+
+def compile_patterns(items: Iterable[str]) -> list[tuple[str, Any]]:
+    """Skip-list entries: exact names, ``re:`` regexes (``re.match``, compressed-tensors) or prefixes."""
+    out = []
+    for item in items or ():
+        if item.startswith("re:"):
+            out.append(("re", re.compile(item[3:])))
+        else:
+            out.append(("name", item))
+    return out
+
+
+def matches_any(module: str, patterns: list[tuple[str, Any]]) -> bool:
+    for kind, p in patterns:
+        if kind == "re" and p.match(module):
+            return True
+        if kind == "name" and (module == p or module.startswith(p + ".")):
+            return True
+    return False

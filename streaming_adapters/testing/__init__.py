@@ -1,0 +1,1 @@
+"""Helpers for tests, demos and benchmarks: fabricate realistic FP8 checkpoints, run process groups."""
