@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import os
 import time
+import warnings
 from typing import Any, Mapping
 
 import torch
@@ -27,7 +28,8 @@ from .checkpoint.index import CheckpointIndex
 from .dist import all_gather_object, is_dist, raise_gathered, raise_on_all_ranks, rank_and_world
 from .errors import CheckpointError, DestinationError
 from .formats import get_adapter
-from .reader import DEFAULT_CHUNK_BYTES, FLOAT_DESTINATIONS, StreamingFP8StorageReader
+from .fill import DEFAULT_CHUNK_BYTES, FLOAT_DESTINATIONS
+from .reader import StreamingFP8StorageReader
 from .report import LoadReport, MemoryMonitor, RankStats
 
 
@@ -82,13 +84,16 @@ def load_fp8_state_dict(
     # -- 2. load ----------------------------------------------------------------------------------
     with MemoryMonitor(device) as mem:
         try:
-            dcp.load(
-                request,
-                storage_reader=reader,
-                planner=DefaultLoadPlanner(allow_partial_load=not strict),
-                process_group=process_group,
-                no_dist=not is_dist(process_group),
-            )
+            with warnings.catch_warnings():
+                # DCP warns that it "assumes a single process" when no group exists: that is the intent.
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(
+                    request,
+                    storage_reader=reader,
+                    planner=DefaultLoadPlanner(allow_partial_load=not strict),
+                    process_group=process_group,
+                    no_dist=not is_dist(process_group),
+                )
         except CheckpointException as e:
             raise_gathered({r: exc for r, (exc, _tb) in e.failures.items()})
             raise

@@ -20,10 +20,7 @@ chunk's codes are staged once (1 byte/element) and the GPU scratch is bounded by
 
 from __future__ import annotations
 
-import math
 import os
-from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch.distributed.checkpoint import HuggingFaceStorageReader
@@ -35,19 +32,13 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.futures import Future
 
 from .checkpoint.byteio import BoxReader
 from .checkpoint.index import CheckpointIndex
-from .errors import DestinationError, ScaleLayoutError
+from .fill import DEFAULT_CHUNK_BYTES, BoxFiller
 from .formats import LogicalTensor, StreamingFP8StateDictAdapter, get_adapter
-from .numerics.fp8 import block_window, decode_scales, dequantize_into
-
-# 64 MiB of FP8 codes per chunk: large enough that per-chunk overhead (<1 ms) is noise at 1 GB/s, small
-# enough to stay well inside the 64 MiB + chunk budget the memory bar allows.
-DEFAULT_CHUNK_BYTES = 64 << 20
-FLOAT_DESTINATIONS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 
 class StreamingFP8StorageReader(HuggingFaceStorageReader):
@@ -76,8 +67,6 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
         self.adapter = adapter or get_adapter(path, index=self.index)
         if self.adapter.index is None:
             self.adapter.bind(self.index)
-        if chunk_bytes < 1 << 16:
-            raise ValueError(f"chunk_bytes={chunk_bytes} is below 64 KiB")
         self.chunk_bytes = int(chunk_bytes)
         self.io_backend = io_backend
         self.include_hidden = include_hidden
@@ -119,110 +108,16 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
                             self.storage_data[it.storage_index].stored.begin, tuple(it.storage_offsets)),
         )
         with BoxReader(self.index.path, self.io_backend) as io:
+            filler = BoxFiller(io, self.chunk_bytes)
             for item in items:
                 lt: LogicalTensor = self.storage_data[item.storage_index]
                 target = planner.resolve_tensor(item).detach()
-                self.fill_box(io, lt, tuple(item.storage_offsets), tuple(item.lengths), target)
+                filler.fill(lt, tuple(item.storage_offsets), tuple(item.lengths), target)
                 planner.commit_tensor(item, target)
             self.bytes_read += io.bytes_read
+            self.tensors_read += filler.tensors
+            self.quantized_read += filler.quantized
+            self.peak_transient_bytes = max(self.peak_transient_bytes, filler.peak_transient_bytes)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
-
-    def fill_box(
-        self,
-        io: BoxReader,
-        lt: LogicalTensor,
-        start: tuple[int, ...],
-        length: tuple[int, ...],
-        target: torch.Tensor,
-    ) -> None:
-        """Fill ``target`` (shape ``length``) with the box ``[start, start + length)`` of ``lt``."""
-        if tuple(target.shape) != tuple(length):
-            raise DestinationError(
-                f"destination box {list(target.shape)} differs from the planned box {list(length)}",
-                file=lt.stored.file, tensor=lt.name, expected=f"{list(length)}",
-                fix="report this as a bug with the destination's placements",
-            )
-        self.tensors_read += 1
-        if lt.scale is not None:
-            if target.dtype not in FLOAT_DESTINATIONS:
-                raise DestinationError(
-                    f"destination dtype {target.dtype} cannot hold a dequantized FP8 weight",
-                    file=lt.stored.file, tensor=lt.name, expected="bfloat16, float16 or float32",
-                    fix="allocate the destination in bfloat16 (or float32)",
-                )
-            self.quantized_read += 1
-        device = target.device
-        elem = lt.stored.itemsize
-        per_elem = elem + (8 if device.type != "cpu" and lt.scale is not None else 0)
-        max_elems = max(1, self.chunk_bytes // per_elem)
-        staging = None
-        for sub_start, sub_len in iter_subboxes(start, length, max_elems):
-            local = tuple(s - s0 for s, s0 in zip(sub_start, start))
-            dst = _narrow(target, local, sub_len)
-            if io.backend == "pread" and device.type == "cuda":
-                nbytes = math.prod(sub_len) * elem
-                if staging is None or staging.numel() < nbytes:
-                    staging = torch.empty(min(max_elems, math.prod(length)) * elem, dtype=torch.uint8,
-                                          pin_memory=True)
-                src = io.read(lt.stored, sub_start, sub_len, out=staging)
-            else:
-                src = io.read(lt.stored, sub_start, sub_len)
-            transient = 0 if (io.backend == "mmap" and device.type == "cpu") else src.nbytes
-            if device.type != "cpu":
-                src = src.to(device, non_blocking=staging is not None)
-            if lt.scale is None:
-                dst.copy_(src)
-                self.peak_transient_bytes = max(self.peak_transient_bytes, transient)
-                continue
-            lo, hi = block_window(sub_start, sub_len, lt.scale.block)
-            raw = io.read(lt.scale.tensor, lo, tuple(h - l for h, l in zip(hi, lo)))
-            scale = decode_scales(raw, lt.scale.encoding)
-            _check_finite(scale, lt, lo)
-            scratch = dequantize_into(dst, src, scale.to(device), sub_start, lt.scale.block, lo)
-            if staging is not None:
-                torch.cuda.current_stream(device).synchronize()  # the staging buffer is reused next chunk
-            self.peak_transient_bytes = max(self.peak_transient_bytes, transient + scratch + scale.nbytes)
-
-
-def iter_subboxes(
-    start: tuple[int, ...], length: tuple[int, ...], max_elems: int
-) -> Iterator[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """Split a box into sub-boxes of at most ``max_elems`` elements, outermost dims first, so each
-    sub-box is a contiguous run of rows whenever the box spans whole rows."""
-    n = math.prod(length)
-    if n <= max_elems or not length:
-        yield start, length
-        return
-    inner = math.prod(length[1:])
-    if inner <= max_elems:
-        step = max_elems // inner
-        for a in range(0, length[0], step):
-            k = min(step, length[0] - a)
-            yield (start[0] + a, *start[1:]), (k, *length[1:])
-        return
-    for a in range(length[0]):
-        for s, l in iter_subboxes(start[1:], length[1:], max_elems):
-            yield (start[0] + a, *s), (1, *l)
-
-
-def _narrow(t: torch.Tensor, offsets: tuple[int, ...], lengths: tuple[int, ...]) -> torch.Tensor:
-    for dim, (o, n) in enumerate(zip(offsets, lengths)):
-        if o != 0 or n != t.shape[dim]:
-            t = t.narrow(dim, o, n)
-    return t
-
-
-def _check_finite(scale: torch.Tensor, lt: LogicalTensor, lo: tuple[int, ...]) -> None:
-    finite = torch.isfinite(scale)
-    if bool(finite.all()):
-        return
-    bad = tuple(int(i) for i in (~finite).nonzero()[0])
-    block = tuple(b + l for b, l in zip(bad, lo))
-    value = float(scale[bad])
-    raise ScaleLayoutError(
-        f"scale is {value} (not finite) at block {list(block)}: the weights of that block would be NaN/Inf",
-        file=str(Path(lt.scale.tensor.file)), tensor=lt.scale.tensor.name,
-        expected="finite scales", fix="the checkpoint is damaged; re-download or re-export it",
-    )

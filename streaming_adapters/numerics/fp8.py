@@ -74,6 +74,7 @@ def dequantize_into(
     box_start: tuple[int, ...],
     block: tuple[int, ...],
     win_start: tuple[int, ...],
+    method: str = "auto",
 ) -> int:
     """Write the dequantized ``codes`` into ``out`` (same shape, any strides, BF16/FP16/FP32).
 
@@ -84,6 +85,7 @@ def dequantize_into(
         box_start: global coordinate of ``codes[0, ..., 0]``.
         block: block size per dim.
         win_start: global block index of ``scale[0, ..., 0]``.
+        method: ``"auto"`` (LUT on CPU where it pays, multiply elsewhere), ``"lut"`` or ``"multiply"``.
 
     Returns the largest scratch allocation in bytes (for the load report).
     """
@@ -92,18 +94,20 @@ def dequantize_into(
     if codes.numel() == 0:
         return 0
     if codes.ndim == 1:
-        return dequantize_into(out[None], codes[None], scale[None], (0, *box_start), (1, *block), (0, *win_start))
+        return dequantize_into(out[None], codes[None], scale[None], (0, *box_start), (1, *block), (0, *win_start),
+                               method)
     if codes.ndim > 2:
         # Leading dims (stacked experts): one 2-D problem per leading index, with its scale slice.
         peak = 0
         for lead in itertools.product(*(range(d) for d in codes.shape[:-2])):
             s_idx = tuple((box_start[d] + i) // block[d] - win_start[d] for d, i in enumerate(lead))
-            peak = max(peak, _dequant_2d(out[lead], codes[lead], scale[s_idx], box_start[-2:], block[-2:], win_start[-2:]))
+            peak = max(peak, _dequant_2d(out[lead], codes[lead], scale[s_idx], box_start[-2:], block[-2:],
+                                         win_start[-2:], method))
         return peak
-    return _dequant_2d(out, codes, scale, box_start, block, win_start)
+    return _dequant_2d(out, codes, scale, box_start, block, win_start, method)
 
 
-def _dequant_2d(out, codes, scale, box_start, block, win_start) -> int:
+def _dequant_2d(out, codes, scale, box_start, block, win_start, method) -> int:
     rows, cols = codes.shape
     (r0, c0), (bm, bn), (wr0, wc0) = box_start, block, win_start
     dev = codes.device
@@ -123,7 +127,8 @@ def _dequant_2d(out, codes, scale, box_start, block, win_start) -> int:
         n_elems = (b - a) * cols
         n_blocks = (i1 - i0) * nc
         dst = out[a:b]
-        if cpu and n_blocks * 256 <= n_elems:
+        use_lut = method == "lut" or (method == "auto" and cpu and n_blocks * 256 <= n_elems)
+        if use_lut:
             table = (lut[None, :] * scale[i0:i1].reshape(-1, 1)).to(out.dtype).reshape(-1)
             idx = u8[a:b].to(torch.int32)
             if col_off is not None:

@@ -1,0 +1,288 @@
+"""Triton FP8(e4m3fn) -> BF16/FP16/FP32 dequantization of a 2-D box: the GPU path of
+:func:`streaming_adapters.numerics.fp8.dequantize_into`, bit for bit.
+
+The formula (formats.md §1.1), in global block coordinates::
+
+    out[r, c] = (fp32(codes[r, c]) * scale[(r0 + r) // bm - wr0, (c0 + c) // bn - wc0]).to(out.dtype)
+
+one fp32 product, then round-to-nearest-even (Triton's default for fp32 -> bf16/fp16 is RTNE, PTX
+``cvt.rn``; we pass ``fp_downcast_rounding="rtne"`` to make that explicit).
+
+Kernel shape.  One program per ``BLOCK_R x BLOCK_C`` tile of the box (1-D grid, row-major tile order), no
+loop: the box is memory-bound (1 byte read + 2 written per BF16 element, ~0 FLOP/byte), so the design is
+"16-byte accesses, many bytes in flight, almost no per-element integer work":
+
+* codes are loaded first (16 consecutive FP8 codes per thread, one 16-byte load when the row stride and the
+  base are 16-aligned, which Triton's argument specialisation detects), so the loads are in flight while
+  the scale indices are computed;
+* the scale index is never computed per element.  Rows and columns are separable: a tile whose rows span at
+  most two row blocks (``bm >= BLOCK_R`` or a window with <= 2 block rows: "wide" rows) needs one
+  comparison per row, not a division; likewise for columns.  A tile that is wide both ways loads 4 scalars
+  (``s00 s01 s10 s11``) and picks per element with two selects; per-channel ``(1, K)`` scales load one or
+  two values per row; only narrow-narrow layouts (group ``(1, 32)`` with 128-column tiles, ``7x5`` blocks)
+  gather one scale per element (L1 hits: the window is tiny);
+* per-tile offsets are int64 scalars (``row_lo * stride``), in-tile offsets int32 vectors: no int64 math per
+  element, and boxes over 2**31 elements still work (the wrapper checks ``BLOCK_R * stride < 2**31``);
+* ``out`` may be any view with unit inner stride (a narrow of a row-major local shard): its row stride is an
+  argument; a stride that is not a multiple of 16 elements only costs vector width, never correctness.
+
+``SOFT=True`` decodes FP8 and rounds to BF16 with integer bit operations instead of the hardware
+conversions.  It exists because Triton's CPU interpreter (``TRITON_INTERPRET``) decodes the NaN codes
+0x7F/0xFF to 480.0 and truncates fp32 -> bf16 instead of rounding (triton 3.6
+``runtime/interpreter.py::_convert_float``); it is also the path for GPUs without native FP8 conversions
+(compute capability < 8.9).  Both paths are exact; the GPU test suite checks both bit for bit.
+
+Memory: no scratch at all (the scale window is made contiguous if it is not: a few KB).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:  # Triton is optional: CPU-only installs fall back to fp8.dequantize_into's torch paths.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on installs without triton
+    triton = None
+    tl = None
+
+# Default tile: 64x128 codes = 8 KiB read + 16 KiB written (BF16) per program, 64 elements per thread with
+# 4 warps.  128 columns = one 128x128 block wide, so DeepSeek-style block scales take the 4-scalar path
+# (bm=128 >= 64, bn=128 >= 128).  benchmarks/kernels.py --sweep times the alternatives.
+DEFAULT_TILE = (64, 128, 4)  # (BLOCK_R, BLOCK_C, num_warps)
+
+_OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+_I32_MAX = 2**31 - 1
+
+
+def _dequant_fp8_kernel(
+    out_ptr, codes_ptr, scale_ptr,
+    rows, cols, out_stride, codes_stride,
+    r0, c0, bm, bn, wr0, wc0, gr, gc, n_col_tiles,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROW_WIDE: tl.constexpr, COL_WIDE: tl.constexpr,
+    OUT_KIND: tl.constexpr, SOFT: tl.constexpr, VEC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    tr = pid // n_col_tiles
+    row_lo = tr * BLOCK_R
+    col_lo = (pid - tr * n_col_tiles) * BLOCK_C
+    ri = tl.arange(0, BLOCK_R)
+    # VEC = 16 bytes of output per access.  Capping the codes' vector width at VEC too (a VEC-byte load)
+    # gives loads and stores one register layout; uncapped, Triton loads 16 codes per thread and moves
+    # them through shared memory (4 KB + 3 barriers per 64x128 tile in the sm_90 SASS) to reach the
+    # 8-per-thread store layout.
+    ci = tl.max_contiguous(tl.arange(0, BLOCK_C), VEC)
+    rmask = (row_lo + ri) < rows
+    cmask = (col_lo + ci) < cols
+    mask = rmask[:, None] & cmask[None, :]
+
+    # Codes first, so the bytes are in flight while the scale indices are worked out.
+    c_tile = codes_ptr + row_lo.to(tl.int64) * codes_stride + col_lo
+    q = tl.load(c_tile + ri[:, None] * codes_stride + ci[None, :], mask=mask, other=0,
+                eviction_policy="evict_first")
+
+    # Window block index of each row / column, separably.  "Wide": the tile spans <= 2 blocks along that
+    # dim, so the index is (first block) + (a comparison), no division per row / column.
+    g_r = r0 + row_lo
+    g_c = c0 + col_lo
+    if ROW_WIDE:
+        qr = g_r // bm
+        r_next = (g_r - qr * bm + ri) >= bm  # [BR] row lies in block qr + 1
+        sr0 = qr - wr0
+        has_r1 = sr0 + 1 < gr
+    else:
+        sr = (g_r + ri) // bm - wr0  # [BR]
+    if COL_WIDE:
+        qc = g_c // bn
+        c_next = (g_c - qc * bn + ci) >= bn  # [BC]
+        sc0 = qc - wc0
+        has_c1 = sc0 + 1 < gc
+    else:
+        sc = (g_c + ci) // bn - wc0  # [BC]
+
+    if ROW_WIDE and COL_WIDE:
+        s00 = tl.load(scale_ptr + sr0 * gc + sc0)
+        s01 = tl.load(scale_ptr + sr0 * gc + sc0 + 1, mask=has_c1, other=0.0)
+        s10 = tl.load(scale_ptr + (sr0 + 1) * gc + sc0, mask=has_r1, other=0.0)
+        s11 = tl.load(scale_ptr + (sr0 + 1) * gc + sc0 + 1, mask=has_r1 & has_c1, other=0.0)
+        top = tl.where(c_next, s01, s00)  # [BC]
+        bot = tl.where(c_next, s11, s10)
+        s = tl.where(r_next[:, None], bot[None, :], top[None, :])
+    elif ROW_WIDE:
+        top = tl.load(scale_ptr + sr0 * gc + sc, mask=cmask, other=0.0)  # [BC]
+        bot = tl.load(scale_ptr + (sr0 + 1) * gc + sc, mask=cmask & has_r1, other=0.0)
+        s = tl.where(r_next[:, None], bot[None, :], top[None, :])
+    elif COL_WIDE:
+        left = tl.load(scale_ptr + sr * gc + sc0, mask=rmask, other=0.0)  # [BR]
+        right = tl.load(scale_ptr + sr * gc + sc0 + 1, mask=rmask & has_c1, other=0.0)
+        s = tl.where(c_next[None, :], right[:, None], left[:, None])
+    else:
+        s = tl.load(scale_ptr + sr[:, None] * gc + sc[None, :], mask=mask, other=0.0)
+
+    if SOFT:
+        # e4m3fn bits s.eeee.mmm: a normal's fp32 bits are (e + 120) << 23 | m << 20; a subnormal is
+        # m * 2**-9 (exact in fp32); 0x7F / 0xFF are NaN; the sign is bit 31 (0x80 -> -0.0).
+        u = q.to(tl.int32)
+        mag = u & 0x7F
+        sub = (mag.to(tl.float32) * 0.001953125).to(tl.int32, bitcast=True)
+        bits = tl.where(mag < 8, sub, (mag << 20) + (120 << 23))
+        bits = tl.where(mag == 0x7F, 0x7FC00000, bits) | ((u & 0x80) << 24)
+        x = bits.to(tl.float32, bitcast=True)
+    else:
+        x = q.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    y = x * s  # the one fp32 product
+
+    if OUT_KIND == 0:
+        if SOFT:  # fp32 -> bf16 round-to-nearest-even on the bits; NaN -> canonical quiet NaN
+            b = y.to(tl.uint32, bitcast=True)
+            rb = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            rb = tl.where((b & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, rb)
+            o = rb.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            o = y.to(tl.bfloat16, fp_downcast_rounding="rtne")
+    elif OUT_KIND == 1:
+        o = y.to(tl.float16, fp_downcast_rounding="rtne")
+    else:
+        o = y
+
+    o_tile = out_ptr + row_lo.to(tl.int64) * out_stride + col_lo
+    tl.store(o_tile + ri[:, None] * out_stride + ci[None, :], o, mask=mask)
+
+
+# Scalars that only feed per-tile arithmetic: specialising them on divisibility / == 1 would only multiply
+# compiled variants (each ~1 s).  cols and the two strides stay specialised: they decide vector width.
+_NO_SPECIALIZE = ["rows", "r0", "c0", "bm", "bn", "wr0", "wc0", "gr", "gc", "n_col_tiles"]
+
+
+@functools.cache
+def _kernel(interpret: bool):
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction(_dequant_fp8_kernel)
+    return triton.jit(_dequant_fp8_kernel, do_not_specialize=_NO_SPECIALIZE)
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    return triton is not None
+
+
+def triton_available() -> bool:
+    """True when the Triton path can run here: CUDA torch with a visible GPU and triton importable."""
+    return _triton_importable() and torch.version.cuda is not None and torch.cuda.is_available()
+
+
+@functools.cache
+def _native_fp8(device_index: int) -> bool:
+    # Hardware e4m3 conversions (cvt.*.e4m3x2) start at sm_89; older GPUs take the integer (SOFT) path.
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def dequantize_into_triton(
+    out: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    box_start: tuple[int, ...],
+    block: tuple[int, ...],
+    win_start: tuple[int, ...],
+    *,
+    tile: tuple[int, int, int] | None = None,
+    soft: bool | None = None,
+    interpret: bool = False,
+) -> bool:
+    """Same contract as :func:`fp8.dequantize_into`; returns False (having written nothing) when this path
+    cannot take the inputs, so the caller falls back.
+
+    Handled: float8_e4m3fn ``codes`` and fp32 ``scale`` on one CUDA device, BF16/FP16/FP32 ``out``, unit
+    inner stride on ``out`` and ``codes`` (any row stride), 1-D / 2-D boxes (more dims: one launch per
+    leading index).  Raises ValueError, like the reference, on a shape mismatch or a window that does not
+    cover the box.
+
+    Keyword-only, for tests and benchmarks: ``tile`` = (BLOCK_R, BLOCK_C, num_warps); ``soft`` forces the
+    integer FP8 decode / BF16 rounding; ``interpret`` runs Triton's CPU interpreter on CPU tensors.
+    """
+    if not _triton_importable() or not (interpret or triton_available()):
+        return False
+    if not interpret and not (out.is_cuda and codes.device == out.device and scale.device == out.device):
+        return False
+    if codes.dtype != torch.float8_e4m3fn or scale.dtype != torch.float32 or out.dtype not in _OUT_KIND:
+        return False
+    if out.shape != codes.shape:
+        raise ValueError(f"out {tuple(out.shape)} and codes {tuple(codes.shape)} differ")
+    if scale.ndim != codes.ndim or not (len(box_start) == len(block) == len(win_start) == codes.ndim):
+        return False
+    if codes.numel() == 0:
+        return True
+    if codes.ndim == 1:
+        return dequantize_into_triton(out[None], codes[None], scale[None], (0, *box_start), (1, *block),
+                                      (0, *win_start), tile=tile, soft=soft, interpret=interpret)
+    if codes.ndim > 2:
+        if not _inner_ok(out) or not _inner_ok(codes):
+            return False
+        for i in range(codes.shape[0]):
+            si = (box_start[0] + i) // block[0] - win_start[0]
+            if not 0 <= si < scale.shape[0]:
+                raise ValueError(f"scale window {tuple(scale.shape)} does not cover box dim 0 index {i}")
+            ok = dequantize_into_triton(out[i], codes[i], scale[si], box_start[1:], block[1:], win_start[1:],
+                                        tile=tile, soft=soft, interpret=interpret)
+            if not ok:  # only possible before the first launch: every slice has the same properties
+                return False
+        return True
+    return _launch_2d(out, codes, scale, box_start, block, win_start, tile, soft, interpret)
+
+
+def _inner_ok(t: torch.Tensor) -> bool:
+    return t.shape[-1] == 1 or t.stride(-1) == 1
+
+
+def _row_stride(t: torch.Tensor) -> int:
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1]
+
+
+def _launch_2d(out, codes, scale, box_start, block, win_start, tile, soft, interpret) -> bool:
+    rows, cols = codes.shape
+    (r0, c0), (bm, bn), (wr0, wc0) = box_start, block, win_start
+    if min(bm, bn) <= 0 or min(r0, c0) < 0:
+        raise ValueError(f"bad block {block} or box start {box_start}")
+    if not _inner_ok(out) or not _inner_ok(codes):
+        return False
+    gr, gc = scale.shape
+    lo_r, hi_r = r0 // bm - wr0, (r0 + rows - 1) // bm - wr0
+    lo_c, hi_c = c0 // bn - wc0, (c0 + cols - 1) // bn - wc0
+    if lo_r < 0 or lo_c < 0 or hi_r >= gr or hi_c >= gc:
+        raise ValueError(
+            f"scale window {tuple(scale.shape)} at block {tuple(win_start)} does not cover box "
+            f"{tuple(codes.shape)} at {tuple(box_start)} with block {tuple(block)}"
+        )
+    block_r, block_c, num_warps = tile or DEFAULT_TILE
+    out_stride, codes_stride = _row_stride(out), _row_stride(codes)
+    # In-tile offsets are int32: (BLOCK_R - 1) * stride + BLOCK_C and global coordinates must fit.
+    if max(out_stride, codes_stride) * block_r + block_c > _I32_MAX or max(r0 + rows, c0 + cols) > _I32_MAX:
+        return False
+    if gr * gc > _I32_MAX:
+        return False
+    if soft is None:
+        soft = interpret or not _native_fp8(out.device.index if out.device.index is not None else 0)
+    scale = scale.contiguous()
+    n_col_tiles = triton.cdiv(cols, block_c)
+    grid = (triton.cdiv(rows, block_r) * n_col_tiles,)
+    args = (
+        out, codes.view(torch.uint8), scale,
+        rows, cols, out_stride, codes_stride,
+        r0, c0, bm, bn, wr0, wc0, gr, gc, n_col_tiles,
+    )  # fmt: skip
+    meta = dict(
+        BLOCK_R=block_r, BLOCK_C=block_c,
+        ROW_WIDE=bm >= block_r or gr <= 2, COL_WIDE=bn >= block_c or gc <= 2,
+        OUT_KIND=_OUT_KIND[out.dtype], SOFT=bool(soft), VEC=16 // out.element_size(),
+    )  # fmt: skip
+    if interpret:
+        _kernel(True)[grid](*args, **meta)
+    else:
+        with torch.cuda.device(out.device):
+            _kernel(False)[grid](*args, **meta, num_warps=num_warps)
+    return True
