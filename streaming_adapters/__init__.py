@@ -18,7 +18,7 @@ from .load import load_fp8_state_dict
 from .reader import StreamingFP8StorageReader
 from .report import LoadReport
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "CheckpointError",

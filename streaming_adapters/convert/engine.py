@@ -1,0 +1,226 @@
+"""``convert_checkpoint``: FP8 -> BF16 or NVFP4, every rank of a group converting its share, step by step.
+
+Per step, on each rank: read + dequantize its row pieces (BF16, on ``device``); for NVFP4, take the
+max |W| of every amax unit over the rank's pieces, all-reduce MAX across ranks (one collective per step),
+derive each unit's global scale, quantize, and ``pwrite`` the rows into the preallocated output files.
+Then fsync, barrier, and rank 0 marks the step done (the resume point).
+
+Memory model (per rank): the BF16 of the rank's pieces of one step (about ``step_bytes / world``; a
+fused unit is never split across steps, so at least one unit's share), plus the NVFP4 outputs of one
+piece and the reader's chunk.  Copies (norms, embeddings) and BF16 outputs stream chunk by chunk and
+are never held.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..checkpoint.byteio import BoxReader
+from ..checkpoint.index import CheckpointIndex
+from ..dist import all_gather_object, is_dist, raise_on_all_ranks, rank_and_world
+from ..errors import CheckpointError
+from ..fill import DEFAULT_CHUNK_BYTES, BoxFiller, iter_subboxes
+from ..formats import get_adapter
+
+from ..report import MemoryMonitor, RankStats
+from .plan import DEFAULT_STEP_BYTES, ConversionPlan, Piece, Step, make_plan
+from .report import ConvertReport
+from .staging import StagedOutput
+from .targets import modelopt_hf_quant_config, output_config
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    target: str,
+    format: str | None = None,  # noqa: A002 -- the public name the API fixes
+    process_group: dist.ProcessGroup | None = None,
+    step_bytes: int = DEFAULT_STEP_BYTES,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    io_backend: str = "mmap",
+    ignore: list[str] | tuple[str, ...] = (),
+    overwrite: bool = False,
+    restart: bool = False,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    verbose: bool = False,
+) -> ConvertReport:
+    """Convert an FP8 (or BF16) checkpoint into a BF16 or NVFP4 checkpoint at ``dst``.
+
+    Called on every rank of ``process_group`` (or alone).  ``target``: ``"bf16"`` or ``"nvfp4"``;
+    ``format`` (nvfp4): ``"compressed-tensors"`` (default) or ``"modelopt"``.  ``ignore``: module names
+    or patterns (fnmatch, or ``re:`` regex) kept out of NVFP4.  The output is byte-identical for any world
+    size; a killed run resumes from its last finished step when called again with the same arguments.
+    """
+    rank, world = rank_and_world(process_group)
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    t0 = time.perf_counter()
+    src, dst = Path(src), Path(dst).absolute()
+    error: BaseException | None = None
+    plan = None
+    try:
+        index = CheckpointIndex.open(src)
+        adapter = get_adapter(src, index=index)
+        plan = make_plan(index, adapter, target, format, world, step_bytes=step_bytes, ignore=ignore)
+    except (CheckpointError, ValueError) as e:
+        error = e if isinstance(e, CheckpointError) else CheckpointError(str(e), fix="check the arguments")
+    raise_on_all_ranks(error, process_group)
+    assert plan is not None
+    staged = StagedOutput(dst, plan)
+
+    error, done = None, set()
+    if rank == 0:
+        try:
+            staged.prepare(overwrite=overwrite, restart=restart)
+            done = staged.done_steps()
+        except CheckpointError as e:
+            error = e
+    raise_on_all_ranks(error, process_group)
+    done = all_gather_object(done, process_group)[0]
+
+    io = BoxReader(index.path, io_backend)
+    filler = BoxFiller(io, chunk_bytes)
+    bar = _progress(plan, rank == 0 and progress)
+    with MemoryMonitor(dev if dev.type == "cuda" else None) as mem:
+        for step in plan.steps:
+            if step.index not in done:
+                _run_step(plan, step, rank, filler, staged, dev, process_group)
+                staged.sync()
+                _barrier(process_group)
+                if rank == 0:
+                    staged.mark_done(step.index)
+            if bar is not None:
+                bar.update(1)
+        staged.close()
+        io.close()
+        if bar is not None:
+            bar.close()
+        _barrier(process_group)
+        error = None
+        if rank == 0:
+            try:
+                _finalize(plan, staged, index, overwrite)
+            except (CheckpointError, OSError) as e:
+                error = e if isinstance(e, CheckpointError) else CheckpointError(
+                    f"could not finish the output: {e}", file=str(dst), fix="check free space and permissions")
+        raise_on_all_ranks(error, process_group)
+    seconds = time.perf_counter() - t0
+    my_pieces = [p for s in plan.steps if s.index not in done for p in s.pieces.get(rank, [])]
+    n_fp8 = sum(1 for p in my_pieces if plan.logical[p.tensor].scale is not None)
+    mine = RankStats(
+        rank=rank, tensors=len(my_pieces), quantized=n_fp8, plain=len(my_pieces) - n_fp8, bytes_read=io.bytes_read, seconds=seconds, peak_transient_bytes=filler.peak_transient_bytes,
+        peak_host_bytes=mem.peak_host, host_bytes_at_start=mem.start_host,
+        peak_gpu_bytes=mem.peak_gpu if dev.type == "cuda" else None,
+        gpu_bytes_at_start=mem.start_gpu if dev.type == "cuda" else None,
+    )
+    mine.bytes_written = staged.bytes_written  # type: ignore[attr-defined]
+    ranks = all_gather_object(mine, process_group)
+    report = ConvertReport(
+        checkpoint=str(index.path), adapter=adapter.name, world_size=world, rank=rank, io_backend=io_backend,
+        chunk_bytes=chunk_bytes, tensors=mine.tensors, quantized=mine.quantized, plain=mine.plain, bytes_read=mine.bytes_read, seconds=seconds,
+        peak_transient_bytes=mine.peak_transient_bytes, peak_host_bytes=mine.peak_host_bytes,
+        peak_gpu_bytes=mine.peak_gpu_bytes, ranks=ranks, output=str(dst), target=plan.target,
+        format=plan.format, steps=len(plan.steps), steps_resumed=len(done),
+        bytes_written=sum(getattr(r, "bytes_written", 0) for r in ranks), output_bytes=plan.total_output_bytes,
+        ignore=plan.ignore,
+    )
+    if verbose and rank == 0:
+        print(report.summary_line(), flush=True)
+    return report
+
+
+def _barrier(group) -> None:
+    if is_dist(group):
+        dist.barrier(group=group)
+
+
+def _progress(plan: ConversionPlan, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=len(plan.steps), desc=f"convert -> {plan.target}{'/' + plan.format if plan.format else ''}",
+                unit="step", dynamic_ncols=True)
+
+
+def _bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().reshape(-1).contiguous()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def _write_rows(staged: StagedOutput, plan: ConversionPlan, out, r0: int, data: torch.Tensor) -> None:
+    file, begin, _ = plan.location(out)
+    staged.pwrite(file, begin + r0 * out.row_bytes, _bytes(data))
+
+
+def _run_step(plan: ConversionPlan, step: Step, rank: int, filler: BoxFiller, staged: StagedOutput,
+              dev: torch.device, group) -> None:
+    units = step.nvfp4_units(plan)
+    unit_of = {n: i for i, u in enumerate(units) for n in u}
+    amax = torch.zeros(len(units), dtype=torch.float32, device=dev)
+    held: list[tuple[Piece, torch.Tensor]] = []
+    max_elems = max(1, filler.chunk_bytes // 2)
+    for piece in step.pieces.get(rank, []):
+        lt = plan.logical[piece.tensor]
+        outs = plan.outputs[piece.tensor]
+        start = (piece.r0,) + (0,) * (len(lt.shape) - 1)
+        length = (piece.r1 - piece.r0,) + tuple(lt.shape[1:])
+        if not lt.shape:  # 0-dim plain tensor
+            staged.pwrite(*plan.location(outs[0])[:2], _bytes(filler.io.read(lt.stored)))
+            continue
+        if outs[0].role in ("copy", "dequant"):
+            # Streamed: chunk by chunk, never holding the piece.
+            for s, n in iter_subboxes(start, length, max_elems):
+                if outs[0].role == "copy":
+                    data = filler.io.read(lt.stored, s, n)
+                else:
+                    data = torch.empty(n, dtype=torch.bfloat16, device=dev)
+                    filler.fill(lt, s, n, data)
+                _write_rows(staged, plan, outs[0], s[0], data)
+            continue
+        buf = torch.empty(length, dtype=torch.bfloat16, device=dev)
+        filler.fill(lt, start, length, buf)
+        lo, hi = torch.aminmax(buf)
+        amax[unit_of[piece.tensor]] = torch.maximum(amax[unit_of[piece.tensor]],
+                                                    torch.maximum(-lo.float(), hi.float()))
+        held.append((piece, buf))
+    if units:
+        if is_dist(group):
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    if held:
+        from ..numerics import nvfp4
+    for piece, buf in held:
+        outs = {o.role: o for o in plan.outputs[piece.tensor]}
+        a = amax[unit_of[piece.tensor]].to(torch.bfloat16)
+        if plan.format == "compressed-tensors":
+            gs = nvfp4.ct_global_scale(a)
+            packed, scale = nvfp4.quantize_ct(buf, gs)
+        else:
+            gs = nvfp4.modelopt_scale_2(a)
+            packed, scale = nvfp4.quantize_modelopt(buf, gs)
+        _write_rows(staged, plan, outs["packed"], piece.r0, packed)
+        _write_rows(staged, plan, outs["block_scale"], piece.r0, scale)
+        if piece.r0 == 0:
+            gs_out = outs["global_scale"]
+            staged.pwrite(*plan.location(gs_out)[:2], _bytes(gs.to(torch.float32).reshape(gs_out.shape)))
+    held.clear()
+
+
+def _finalize(plan: ConversionPlan, staged: StagedOutput, index: CheckpointIndex, overwrite: bool) -> None:
+    weight_map = {name: f for name, f in sorted(plan.file_of.items())}
+    index_json = {"metadata": {"total_size": sum(o.nbytes for outs in plan.outputs.values() for o in outs)},
+                  "weight_map": weight_map}
+    extra = {"config.json": output_config(index.config, plan.target, plan.format, plan.ignore)}
+    if plan.format == "modelopt":
+        extra["hf_quant_config.json"] = modelopt_hf_quant_config(plan.ignore)
+    staged.finalize(index_json, extra, index.path, overwrite)

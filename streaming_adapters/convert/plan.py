@@ -1,0 +1,210 @@
+"""Plan a conversion from headers alone: output files and byte ranges, amax groups, steps, row pieces.
+
+* **Units.**  NVFP4 weights that must share one global scale form a unit (formats.md §2.3:
+  q/k/v, gate/up, DeepSeek q_a/kv_a, per-expert gate/up or w1/w3); every other tensor is a unit alone.
+* **Steps.**  Units in checkpoint order are packed into steps of at most ``step_bytes`` of BF16 (a
+  fused unit is never split across steps).  Steps do not depend on the world size, so a run resumed on
+  a different number of ranks reuses the finished steps.
+* **Pieces.**  Within a step each tensor goes to one rank, or -- when it is large -- is split into row
+  ranges over all ranks, so ranks read disjoint bytes and the step's work is balanced.
+* **Files.**  Output tensors stay in the file of their source weight (same file names), each file's
+  header computed in advance (``layout.py``), so the output bytes never depend on the world size or the
+  split.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+
+from ..checkpoint.index import CheckpointIndex
+from ..errors import CheckpointError
+from ..formats import LogicalTensor, StreamingFP8StateDictAdapter
+from .layout import FileLayout, OutputTensor, layout_file
+from .targets import NVFP4_GROUP, is_linear_weight, normalize_target, outputs_for
+
+FUSED_MEMBERS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"),
+                 ("w1", "w3"))
+# 1 GiB of BF16 per step: a Llama-70B decoder layer (1.7 GB BF16) is two steps; per rank at world 8 a step
+# holds 128 MiB, well inside the "one group's share + 256 MiB" memory bar.
+DEFAULT_STEP_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Piece:
+    tensor: str
+    r0: int
+    r1: int
+
+
+@dataclass
+class Step:
+    index: int
+    units: list[list[str]]                   # amax units (tensor names); nvfp4 units first
+    pieces: dict[int, list[Piece]] = field(default_factory=dict)
+
+    def nvfp4_units(self, plan: "ConversionPlan") -> list[list[str]]:
+        return [u for u in self.units if plan.nvfp4[u[0]]]
+
+
+@dataclass
+class ConversionPlan:
+    source: str
+    target: str
+    format: str | None
+    logical: dict[str, LogicalTensor]
+    nvfp4: dict[str, bool]                   # logical tensor -> quantized to NVFP4
+    outputs: dict[str, list[OutputTensor]]   # logical tensor -> its output tensors
+    files: dict[str, FileLayout]
+    file_of: dict[str, str]                  # output tensor -> file
+    steps: list[Step]
+    ignore: list[str]
+    fingerprint: str
+
+    def location(self, out: OutputTensor) -> tuple[str, int, int]:
+        f = self.file_of[out.name]
+        b, e = self.files[f].offsets[out.name]
+        return f, b, e
+
+    @property
+    def total_output_bytes(self) -> int:
+        return sum(f.size for f in self.files.values())
+
+
+def _unit_key(name: str) -> tuple[str, int] | None:
+    mod = name[: -len(".weight")]
+    parent, _, leaf = mod.rpartition(".")
+    for gi, members in enumerate(FUSED_MEMBERS):
+        if leaf in members:
+            return parent, gi
+    return None
+
+
+def _layer_key(name: str) -> tuple:
+    m = re.search(r"\.layers\.(\d+)\.", name)
+    return (0 if "embed" in name else 2 if m is None else 1, int(m.group(1)) if m else 0)
+
+
+def make_plan(
+    index: CheckpointIndex,
+    adapter: StreamingFP8StateDictAdapter,
+    target: str,
+    fmt: str | None,
+    world_size: int,
+    *,
+    step_bytes: int = DEFAULT_STEP_BYTES,
+    ignore: list[str] | tuple[str, ...] = (),
+) -> ConversionPlan:
+    target, fmt = normalize_target(target, fmt)
+    logical = dict(adapter.plan.logical)
+    user_ignore = list(ignore)
+
+    def ignored(mod: str) -> bool:
+        return any(fnmatch.fnmatchcase(mod, p) or (p.startswith("re:") and re.match(p[3:], mod)) for p in user_ignore)
+
+    nvfp4: dict[str, bool] = {}
+    ignore_list: set[str] = set()
+    for name, lt in logical.items():
+        q = (target == "nvfp4" and lt.scale is not None and len(lt.shape) == 2
+             and lt.shape[1] % NVFP4_GROUP == 0 and not ignored(name[: -len(".weight")]))
+        nvfp4[name] = q
+        if target == "nvfp4" and is_linear_weight(lt) and not q:
+            ignore_list.add(name[: -len(".weight")])
+    outputs = {n: outputs_for(lt, target, fmt, nvfp4[n]) for n, lt in logical.items()}
+
+    # Files: mirror the source files.
+    per_file: dict[str, list[OutputTensor]] = {}
+    file_of: dict[str, str] = {}
+    for n, outs in outputs.items():
+        f = logical[n].stored.file
+        for o in outs:
+            per_file.setdefault(f, []).append(o)
+            file_of[o.name] = f
+    if len(file_of) != sum(len(v) for v in outputs.values()):
+        raise CheckpointError("two source tensors map to the same output name", file=str(index.path),
+                              expected="unique output names", fix="report this checkpoint layout as a bug")
+    files = {f: layout_file(f, ts) for f, ts in sorted(per_file.items())}
+
+    # Units, in checkpoint (layer) order.
+    order = sorted(logical, key=lambda n: (_layer_key(n), n))
+    units: dict[tuple, list[str]] = {}
+    for n in order:
+        key = _unit_key(n) if nvfp4[n] else None
+        units.setdefault(key if key is not None else ("single", n), []).append(n)
+
+    # Steps by BF16 bytes, never splitting a unit.
+    steps: list[Step] = []
+    cur: list[list[str]] = []
+    cur_bytes = 0
+    for unit in units.values():
+        b = sum(_bf16_bytes(logical[n]) for n in unit)
+        if cur and cur_bytes + b > step_bytes:
+            steps.append(Step(len(steps), cur))
+            cur, cur_bytes = [], 0
+        cur.append(unit)
+        cur_bytes += b
+    if cur:
+        steps.append(Step(len(steps), cur))
+    for step in steps:
+        step.units.sort(key=lambda u: not nvfp4[u[0]])  # stable: amax vector order = nvfp4 units first
+        step.pieces = _assign(step, logical, world_size)
+
+    fp = _fingerprint(index, target, fmt, user_ignore, step_bytes)
+    return ConversionPlan(str(index.path), target, fmt, logical, nvfp4, outputs, files, file_of, steps,
+                          sorted(ignore_list), fp)
+
+
+def _bf16_bytes(lt: LogicalTensor) -> int:
+    n = 1
+    for d in lt.shape:
+        n *= d
+    return n * (2 if lt.scale is not None else lt.stored.itemsize)
+
+
+def _assign(step: Step, logical: dict[str, LogicalTensor], world: int) -> dict[int, list[Piece]]:
+    """Greedy balance: tensors larger than half a rank's share are split by rows over every rank
+    (split points on scale-block rows where possible, so ranks read disjoint scale rows too); the rest
+    go whole to the least-loaded rank, largest first."""
+    names = [n for u in step.units for n in u]
+    sizes = {n: _bf16_bytes(logical[n]) for n in names}
+    share = sum(sizes.values()) / world
+    load = [0.0] * world
+    pieces: dict[int, list[Piece]] = {r: [] for r in range(world)}
+    for n in sorted(names, key=lambda x: (-sizes[x], x)):
+        lt = logical[n]
+        rows = lt.shape[0] if lt.shape else 1
+        if world > 1 and sizes[n] > share / 2 and rows >= world:
+            align = lt.scale.block[0] if lt.scale is not None and lt.scale.block[0] < rows else 1
+            bounds = _split_rows(rows, world, align)
+            for r, (a, b) in enumerate(bounds):
+                if b > a:
+                    pieces[r].append(Piece(n, a, b))
+                    load[r] += sizes[n] * (b - a) / rows
+        else:
+            r = min(range(world), key=lambda i: (load[i], i))
+            pieces[r].append(Piece(n, 0, rows))
+            load[r] += sizes[n]
+    return pieces
+
+
+def _split_rows(rows: int, world: int, align: int) -> list[tuple[int, int]]:
+    blocks = -(-rows // align)
+    if blocks < world:
+        align, blocks = 1, rows
+    cuts = [min(rows, (blocks * r // world) * align) for r in range(world + 1)]
+    cuts[-1] = rows
+    return [(cuts[r], cuts[r + 1]) for r in range(world)]
+
+
+def _fingerprint(index: CheckpointIndex, target: str, fmt: str | None, ignore: list[str], step_bytes: int) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([target, fmt, ignore, step_bytes], sort_keys=True).encode())
+    for rel, size in sorted(index.file_sizes.items()):
+        h.update(f"{rel}:{size}".encode())
+    for name, t in sorted(index.tensors.items()):
+        h.update(f"{name}:{t.file}:{t.dtype}:{t.shape}:{t.begin}".encode())
+    h.update(json.dumps(index.config, sort_keys=True, default=str).encode())
+    return h.hexdigest()
