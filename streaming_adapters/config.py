@@ -1,0 +1,184 @@
+"""The recipe schema: every key a recipe or a ``key=value`` override may set, with what it means.
+
+Registered with Hydra's ConfigStore as ``streaming_adapters_schema``; recipes start from it
+(``defaults: [streaming_adapters_schema, _self_]``), so a key that is not here is an error (strict mode).
+``docs/recipes.md`` is generated from these docstrings (``python -m streaming_adapters.run --docs``), so
+the reference cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+TASKS = ("load_check", "dequantize_bf16", "fp8_to_nvfp4", "benchmark", "plan")
+
+
+@dataclass
+class FabricateConfig:
+    """Fabricate an FP8 checkpoint into ``checkpoint.path`` first (demos, CI; no model hub needed)."""
+
+    family: str = "llama"
+    """Model family: llama, mistral, ministral3, qwen3, qwen3_moe, deepseek_v3, mixtral."""
+    format: str = "fp8_block"
+    """FP8 format: fp8_block, fp8_block_ue8m0, fp8_block_e8m0, fp8_block_u8, fp8_tensor, ct_tensor,
+    ct_channel, ct_group, ct_block, ct_naive_channel, modelopt, fbgemm, bf16."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """transformers config overrides, e.g. {hidden_size: 1024, num_hidden_layers: 8}."""
+    seed: int = 0
+    """Seed of the fabricated values."""
+
+
+@dataclass
+class CheckpointConfig:
+    path: Optional[str] = None
+    """Source checkpoint folder (config.json + *.safetensors)."""
+    fabricate: Optional[FabricateConfig] = None
+    """If set, fabricate a checkpoint at ``path`` (rank 0) before the task; skipped if it exists."""
+
+
+@dataclass
+class OutputConfig:
+    path: Optional[str] = None
+    """Output checkpoint folder (conversion tasks). Built in ``<path>.partial`` and renamed when complete."""
+    format: Optional[str] = None
+    """NVFP4 output format: compressed-tensors (vLLM, llm-compressor) or modelopt (TensorRT-LLM, vLLM)."""
+    overwrite: bool = False
+    """Replace an existing complete output (otherwise refused)."""
+    restart: bool = False
+    """Discard an unfinished ``.partial`` output from different inputs instead of refusing."""
+    ignore: list[str] = field(default_factory=list)
+    """Extra modules kept out of NVFP4 (fnmatch patterns or ``re:`` regexes)."""
+
+
+@dataclass
+class ParallelConfig:
+    """Layout of the ranks. The product of the four sizes must equal the world size."""
+
+    tp: int = 1
+    """Tensor parallel: column-parallel Shard(0) / row-parallel Shard(1) weights, vocab-parallel embeddings."""
+    dp_shard: int = 1
+    """FSDP-style sharding of every tensor's dim 0 over this many ranks (over TP: _StridedShard)."""
+    pp: int = 1
+    """Pipeline stages: decoder layers split into this many contiguous stages."""
+    ep: int = 1
+    """Expert parallel: MoE experts split across this many ranks."""
+
+
+@dataclass
+class IOConfig:
+    backend: str = "mmap"
+    """mmap (page-cache views, default) or pread (exact byte reads, no readahead; for network file systems)."""
+    chunk_mb: int = 64
+    """Most FP8 code bytes in flight per rank, whatever the tensor size."""
+    step_mb: int = 1024
+    """Conversion: BF16 bytes per step (each rank holds its share of one step)."""
+
+
+@dataclass
+class ReportConfig:
+    path: Optional[str] = None
+    """Where report.json goes (default: inside output.path, else the working folder)."""
+    progress: bool = True
+    """tqdm progress bar on rank 0."""
+
+
+@dataclass
+class BenchmarkConfig:
+    """The side-by-side benchmark (task=benchmark)."""
+
+    shape: str = "llama70b"
+    """Layer shapes of the fabricated checkpoint: llama70b, deepseek_v3, mistral_large_123b, tiny."""
+    layers: int = 2
+    """Decoder layers in the fabricated checkpoint."""
+    peers: list[str] = field(default_factory=lambda: ["raw_read", "streaming_adapters", "torch_quantized_reader",
+                                                      "transformers_dequantize"])
+    """Peers to run side by side: raw_read, streaming_adapters, torch_quantized_reader,
+    transformers_dequantize, convert_nvfp4, read_write."""
+    nproc: int = 2
+    """Ranks per peer run (each peer runs in fresh processes)."""
+    cold: bool = True
+    """Drop the page cache before each timed run (needs root; reported when not possible)."""
+    workdir: Optional[str] = None
+    """Where the benchmark checkpoint is fabricated (default: a temporary folder)."""
+
+
+@dataclass
+class RunConfig:
+    task: str = "load_check"
+    """What to run: load_check, dequantize_bf16, fp8_to_nvfp4, benchmark, plan."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    io: IOConfig = field(default_factory=IOConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    device: str = "cpu"
+    """cpu or cuda (each rank uses cuda:LOCAL_RANK)."""
+    dry_run: bool = False
+    """Print the pre-flight plan (bytes, shard sizes, memory per rank) and stop; nothing is read."""
+    verify: bool = False
+    """load_check: compare every shard with a whole-tensor reference; fp8_to_nvfp4: run verify_checkpoint."""
+    host_memory_gb: Optional[float] = None
+    """Pre-flight: host memory available per rank (default: this machine's total / local ranks)."""
+    gpu_memory_gb: Optional[float] = None
+    """Pre-flight: GPU memory available per rank (default: the device's total)."""
+
+
+def schema_keys(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, doc) for every leaf key, for error messages and docs/recipes.md."""
+    from dataclasses import MISSING
+
+    out = []
+    docs = _attribute_docs(cls)
+    for f in fields(cls):
+        key = f"{prefix}{f.name}"
+        default = f.default_factory() if f.default_factory is not MISSING else f.default  # type: ignore[misc]
+        sub = _dataclass_of(f.type)
+        if sub is not None:
+            out.extend(schema_keys(sub, key + "."))
+        else:
+            out.append((key, repr(default), docs.get(f.name, "")))
+    return out
+
+
+def _dataclass_of(tp) -> type | None:
+    name = tp if isinstance(tp, str) else getattr(tp, "__name__", "")
+    name = name.replace("Optional[", "").rstrip("]")
+    return {c.__name__: c for c in (FabricateConfig, CheckpointConfig, OutputConfig, ParallelConfig, IOConfig,
+                                    ReportConfig, BenchmarkConfig)}.get(name)
+
+
+def _attribute_docs(cls) -> dict[str, str]:
+    """Docstrings under dataclass fields (PEP 257 attribute docstrings), read from the source."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None), ast.Constant):
+            docs[a.target.id] = " ".join(str(b.value.value).split())
+    return docs
+
+
+def recipes_markdown(recipes: list[str]) -> str:
+    """docs/recipes.md, generated from this schema and the recipe files."""
+    from importlib.resources import files
+
+    lines = ["# Recipes reference", "",
+             "Generated by `python -m streaming_adapters.run --docs` from `streaming_adapters/config.py` and",
+             "`recipes/*.yaml`; do not edit by hand (a test checks it is current).", "",
+             "Run a recipe: `python -m streaming_adapters.run --config-name NAME [key=value ...]` (or under",
+             "`torchrun --nproc-per-node N`, or `launch/torchrun.sh`, or the Slurm files in `launch/slurm/`).",
+             "Unknown keys are errors.", "", "## Recipes", ""]
+    for name in recipes:
+        text = files("streaming_adapters.recipes").joinpath(f"{name}.yaml").read_text()
+        first = next((ln[1:].strip() for ln in text.splitlines() if ln.startswith("#")), "")
+        lines.append(f"- `{name}`: {first}")
+    lines += ["", "## Keys", "", "| key | default | meaning |", "| --- | --- | --- |"]
+    for key, default, doc in schema_keys():
+        lines.append(f"| `{key}` | `{default}` | {doc} |")
+    return "\n".join(lines) + "\n"
