@@ -69,7 +69,7 @@ def preflight(cfg, layout: Layout) -> Preflight:
 
         target = "bf16" if cfg.task == "dequantize_bf16" else "nvfp4"
         plan = make_plan(index, adapter, target, cfg.output.format, layout.world_size,
-                         step_bytes=cfg.io.step_mb << 20, ignore=list(cfg.output.ignore))
+                         step_bytes=int(cfg.io.step_mb * (1 << 20)), ignore=list(cfg.output.ignore))
         return plan_convert(plan, cfg.device, chunk, host, gpu, layout)
     return plan_load(index, adapter, layout, device=cfg.device, chunk_bytes=chunk, io_backend=cfg.io.backend,
                      host_capacity=host, gpu_capacity=gpu)
@@ -164,7 +164,7 @@ def convert(cfg, pf: Preflight) -> dict[str, Any]:
     target = "bf16" if cfg.task == "dequantize_bf16" else "nvfp4"
     report = convert_checkpoint(
         cfg.checkpoint.path, cfg.output.path, target=target, format=cfg.output.format,
-        step_bytes=cfg.io.step_mb << 20, chunk_bytes=cfg.io.chunk_mb << 20, io_backend=cfg.io.backend,
+        step_bytes=int(cfg.io.step_mb * (1 << 20)), chunk_bytes=cfg.io.chunk_mb << 20, io_backend=cfg.io.backend,
         ignore=list(cfg.output.ignore), overwrite=cfg.output.overwrite, restart=cfg.output.restart,
         device=device, progress=cfg.report.progress,
     )
