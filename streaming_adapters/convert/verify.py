@@ -1,0 +1,208 @@
+"""``verify_checkpoint``: what a user looks at before deploying a converted checkpoint.
+
+Both checkpoints are dequantized row chunk by row chunk (never a whole tensor): the reference FP8 with the
+package's reader, the NVFP4 output with the decoder of its format (compressed-tensors: ``s8 / gs``;
+ModelOpt: ``s8 * w2``).  Per tensor: relative error ``||out - ref|| / ||ref||``, SNR in dB and the max
+absolute error; BF16 and copied tensors must match bit for bit.  The fused-group rule is checked: every
+member of q/k/v, gate/up, q_a/kv_a, w1/w3 carries the same global scale, and it is the one the group's
+amax gives.  Tensors are spread over the ranks of ``process_group`` and the results gathered.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.byteio import BoxReader
+from ..checkpoint.index import CheckpointIndex
+from ..dist import all_gather_object, rank_and_world
+from ..errors import CheckpointError
+from ..fill import BoxFiller, iter_subboxes
+from ..formats import get_adapter
+from ..numerics import nvfp4
+from .plan import _unit_key
+
+ROW_CHUNK_ELEMS = 1 << 22
+
+
+@dataclass
+class TensorCheck:
+    name: str
+    kind: str                     # nvfp4 | bf16 | copy
+    rel_error: float = 0.0
+    snr_db: float = math.inf
+    max_abs_error: float = 0.0
+    global_scale: float | None = None
+    exact: bool = True
+    ref_amax: float = 0.0
+
+
+@dataclass
+class VerifyReport:
+    output: str
+    reference: str
+    format: str | None
+    tensors: list[TensorCheck] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    fused_violations: list[str] = field(default_factory=list)
+    fused_groups: int = 0
+
+    @property
+    def ok(self) -> bool:
+        plain_ok = all(t.exact for t in self.tensors if t.kind != "nvfp4")
+        return plain_ok and not self.missing and not self.fused_violations
+
+    @property
+    def worst_snr_db(self) -> float:
+        return min((t.snr_db for t in self.tensors if t.kind == "nvfp4"), default=math.inf)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ok"] = self.ok
+        d["worst_snr_db"] = self.worst_snr_db
+        return json.loads(json.dumps(d, default=str).replace("Infinity", "null"))
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def table(self, rows: int = 8) -> str:
+        q = sorted((t for t in self.tensors if t.kind == "nvfp4"), key=lambda t: t.snr_db)
+        lines = [f"verify {self.output} against {self.reference} ({self.format or 'bf16'}): "
+                 f"{'OK' if self.ok else 'PROBLEMS'}",
+                 f"  {len(q)} NVFP4 tensors: worst SNR {self.worst_snr_db:.2f} dB, median "
+                 f"{q[len(q) // 2].snr_db if q else math.inf:.2f} dB; "
+                 f"{sum(1 for t in self.tensors if t.kind != 'nvfp4')} other tensors "
+                 f"{'all exact' if all(t.exact for t in self.tensors if t.kind != 'nvfp4') else 'NOT exact'}; "
+                 f"{self.fused_groups} fused groups, {len(self.fused_violations)} violations; "
+                 f"{len(self.missing)} missing"]
+        if q:
+            lines.append(f"  {'tensor':<60} {'rel err':>9} {'SNR dB':>8} {'max |err|':>10}")
+            for t in q[:rows]:
+                lines.append(f"  {t.name:<60} {t.rel_error:>9.4f} {t.snr_db:>8.2f} {t.max_abs_error:>10.3g}")
+        for v in self.fused_violations[:5]:
+            lines.append(f"  fused-group violation: {v}")
+        for m in self.missing[:5]:
+            lines.append(f"  missing in output: {m}")
+        return "\n".join(lines)
+
+
+def _output_format(cfg: dict) -> str | None:
+    qc = cfg.get("quantization_config") or {}
+    if qc.get("quant_method") == "compressed-tensors" and qc.get("format") == "nvfp4-pack-quantized":
+        return "compressed-tensors"
+    if qc.get("quant_method") == "modelopt" and "NVFP4" in str(qc.get("quant_algo")):
+        return "modelopt"
+    if not qc:
+        return None
+    raise CheckpointError("the output is not an NVFP4 or BF16 checkpoint", file="config.json",
+                          expected="nvfp4-pack-quantized (compressed-tensors) or W4A16_NVFP4 / NVFP4 (modelopt)",
+                          fix="pass the folder written by convert_checkpoint")
+
+
+def verify_checkpoint(
+    nvfp4_dir: str | os.PathLike,
+    reference: str | os.PathLike,
+    *,
+    process_group=None,
+    report_path: str | os.PathLike | None = None,
+) -> VerifyReport:
+    """Compare a converted checkpoint with its FP8 reference, tensor by tensor, streaming."""
+    rank, world = rank_and_world(process_group)
+    out_idx = CheckpointIndex.open(nvfp4_dir)
+    ref_idx = CheckpointIndex.open(reference)
+    ref_adapter = get_adapter(reference, index=ref_idx)
+    fmt = _output_format(out_idx.config)
+    report = VerifyReport(str(out_idx.path), str(ref_idx.path), fmt)
+    logical = ref_adapter.plan.logical
+    names = sorted(logical, key=lambda n: -math.prod(logical[n].shape))
+    mine = [n for i, n in enumerate(names) if i % world == rank]
+    checks, missing = [], []
+    with BoxReader(ref_idx.path) as rio, BoxReader(out_idx.path) as oio:
+        filler = BoxFiller(rio)
+        for name in mine:
+            try:
+                checks.append(_check_tensor(name, logical[name], filler, oio, out_idx, fmt))
+            except KeyError as e:
+                missing.append(f"{name} ({e.args[0]})")
+    for part in all_gather_object((checks, missing), process_group):
+        report.tensors += part[0]
+        report.missing += part[1]
+    report.tensors.sort(key=lambda t: t.name)
+    _check_fused(report)
+    if report_path is not None and rank == 0:
+        report.to_json(report_path)
+    return report
+
+
+def _check_tensor(name, lt, filler: BoxFiller, oio: BoxReader, out_idx: CheckpointIndex, fmt) -> TensorCheck:
+    mod = name[: -len(".weight")] if name.endswith(".weight") else name
+    parts = _nvfp4_parts(mod, out_idx, fmt)
+    if parts is None:
+        out = out_idx.tensors[name]
+        kind = "bf16" if lt.scale is not None else "copy"
+        check = TensorCheck(name, kind)
+        if tuple(out.shape) != tuple(lt.shape):
+            check.exact = False
+            return check
+        for s, n in iter_subboxes((0,) * len(lt.shape), tuple(lt.shape), ROW_CHUNK_ELEMS):
+            want = torch.empty(n, dtype=lt.dtype if lt.scale is None else torch.bfloat16)
+            filler.fill(lt, s, n, want)
+            got = oio.read(out, s, n)
+            if got.dtype != want.dtype or not torch.equal(got.reshape(-1).view(torch.uint8),
+                                                          want.reshape(-1).view(torch.uint8)):
+                check.exact = False
+        return check
+    packed, scale, gscale = parts
+    gs = oio.read(gscale).to(torch.float32).reshape(())
+    check = TensorCheck(name, "nvfp4", global_scale=float(gs), exact=False)
+    n_rows, k = lt.shape
+    err2 = ref2 = 0.0
+    amax = 0.0
+    step = max(1, ROW_CHUNK_ELEMS // k)
+    for r0 in range(0, n_rows, step):
+        r = min(step, n_rows - r0)
+        ref = torch.empty((r, k), dtype=torch.bfloat16)
+        filler.fill(lt, (r0, 0), (r, k), ref)
+        p = oio.read(packed, (r0, 0), (r, k // 2))
+        sc = oio.read(scale, (r0, 0), (r, k // 16))
+        got = nvfp4.dequantize_ct(p, sc, gs) if fmt == "compressed-tensors" else nvfp4.dequantize_modelopt(p, sc, gs)
+        d = got.float() - ref.float()
+        err2 += float((d * d).sum(dtype=torch.float64))
+        ref2 += float((ref.float() ** 2).sum(dtype=torch.float64))
+        check.max_abs_error = max(check.max_abs_error, float(d.abs().max()))
+        amax = max(amax, float(ref.float().abs().max()))
+    check.ref_amax = amax
+    check.rel_error = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
+    check.snr_db = 10 * math.log10(ref2 / err2) if err2 > 0 else math.inf
+    return check
+
+
+def _nvfp4_parts(mod: str, idx: CheckpointIndex, fmt):
+    if fmt == "compressed-tensors" and f"{mod}.weight_packed" in idx:
+        return idx[f"{mod}.weight_packed"], idx[f"{mod}.weight_scale"], idx[f"{mod}.weight_global_scale"]
+    if fmt == "modelopt" and f"{mod}.weight_scale_2" in idx:
+        return idx[f"{mod}.weight"], idx[f"{mod}.weight_scale"], idx[f"{mod}.weight_scale_2"]
+    return None
+
+
+def _check_fused(report: VerifyReport) -> None:
+    """Members of a fused group share one global scale, and it is the one the group's amax gives."""
+    groups: dict[tuple, list[TensorCheck]] = {}
+    for t in report.tensors:
+        if t.kind == "nvfp4" and (key := _unit_key(t.name)) is not None:
+            groups.setdefault(key, []).append(t)
+    report.fused_groups = sum(1 for g in groups.values() if len(g) > 1)
+    for key, members in sorted(groups.items()):
+        amax = torch.tensor(max(m.ref_amax for m in members), dtype=torch.bfloat16)
+        want = float(nvfp4.ct_global_scale(amax) if report.format == "compressed-tensors"
+                     else nvfp4.modelopt_scale_2(amax))
+        scales = {m.global_scale for m in members}
+        if len(scales) != 1 or scales.pop() != want:
+            report.fused_violations.append(
+                f"{key[0]} {[m.name.rsplit('.', 2)[-2] for m in members]}: global scales "
+                f"{[m.global_scale for m in members]}, group amax gives {want}")
