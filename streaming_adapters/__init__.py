@@ -3,6 +3,9 @@
 Public API::
 
     load_fp8_state_dict(state_dict, checkpoint_path, *, process_group=None, **options) -> LoadReport
+    load_fp8_checkpoint(model, checkpoint_path, *, device_mesh=None, **options) -> LoadReport
+    convert_checkpoint(src, dst, *, target, format=None, process_group=None, **options) -> ConvertReport
+    verify_checkpoint(nvfp4_dir, reference=fp8_dir) -> VerifyReport
     get_adapter(checkpoint_path_or_config) / list_adapters() / register_adapter
     StreamingFP8StorageReader       # the DCP storage reader, for use with torch.distributed.checkpoint.load
 """
@@ -15,6 +18,9 @@ from .formats import (
     register_adapter,
 )
 from .load import load_fp8_state_dict
+from .models import get_key_mapper, load_fp8_checkpoint, register_key_mapper
+from .convert import ConvertReport, convert_checkpoint
+from .convert.verify import VerifyReport, verify_checkpoint
 from .reader import StreamingFP8StorageReader
 from .report import LoadReport
 
@@ -29,4 +35,11 @@ __all__ = [
     "list_adapters",
     "load_fp8_state_dict",
     "register_adapter",
+    "load_fp8_checkpoint",
+    "get_key_mapper",
+    "register_key_mapper",
+    "convert_checkpoint",
+    "ConvertReport",
+    "verify_checkpoint",
+    "VerifyReport",
 ]

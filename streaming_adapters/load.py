@@ -83,20 +83,7 @@ def load_fp8_state_dict(
     device = _device_of(request)
     # -- 2. load ----------------------------------------------------------------------------------
     with MemoryMonitor(device) as mem:
-        try:
-            with warnings.catch_warnings():
-                # DCP warns that it "assumes a single process" when no group exists: that is the intent.
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(
-                    request,
-                    storage_reader=reader,
-                    planner=DefaultLoadPlanner(allow_partial_load=not strict),
-                    process_group=process_group,
-                    no_dist=not is_dist(process_group),
-                )
-        except CheckpointException as e:
-            raise_gathered({r: exc for r, (exc, _tb) in e.failures.items()})
-            raise
+        dcp_load(request, reader, DefaultLoadPlanner(allow_partial_load=not strict), process_group)
     seconds = time.perf_counter() - t0
     # -- 3. report --------------------------------------------------------------------------------
     mine = RankStats(
@@ -118,6 +105,20 @@ def load_fp8_state_dict(
     if verbose and rank == 0:
         print(report.summary_line(), flush=True)
     return report
+
+
+def dcp_load(state_dict: dict, reader, planner, process_group) -> None:
+    """``dcp.load`` that raises our own error on every rank instead of DCP's ``CheckpointException``
+    (a ``BaseException`` that ``except Exception`` misses), and stays quiet about single-process use."""
+    try:
+        with warnings.catch_warnings():
+            # DCP warns that it "assumes a single process" when no group exists: that is the intent.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state_dict, storage_reader=reader, planner=planner, process_group=process_group,
+                     no_dist=not is_dist(process_group))
+    except CheckpointException as e:
+        raise_gathered({r: exc for r, (exc, _tb) in e.failures.items()})
+        raise
 
 
 def _device_of(state_dict: Mapping[str, Any]) -> torch.device | None:

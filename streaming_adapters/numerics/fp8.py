@@ -16,8 +16,9 @@ Two interchangeable paths, both exact by construction:
   machine: 1.0 G elements/s vs 0.25 G/s for convert-multiply-round (128x128 blocks, 2048x7168 box).  Used
   when a sub-chunk has at least 256 elements per block it touches (otherwise building the tables costs more
   than it saves: group-32 scales).
-* **multiply** -- ``fp32(code) * gathered scale``; the GPU fallback and the small-block CPU path.  Triton
-  kernels (``numerics/triton_fp8.py``) replace it on CUDA when available.
+* **multiply** -- ``fp32(code) * gathered scale``; the small-block CPU path and the GPU fallback.
+* **Triton** (``numerics/triton_fp8.py``) -- the CUDA path whenever triton is importable: one kernel, no
+  scratch, the same bits.
 
 Memory: the largest scratch is one sub-chunk's int32 index (CPU: <= 1 MiB of elements -> 4 MiB) or, on the
 multiply path, one fp32 copy of the sub-chunk; the caller bounds the box size (the chunk budget).
@@ -85,7 +86,8 @@ def dequantize_into(
         box_start: global coordinate of ``codes[0, ..., 0]``.
         block: block size per dim.
         win_start: global block index of ``scale[0, ..., 0]``.
-        method: ``"auto"`` (LUT on CPU where it pays, multiply elsewhere), ``"lut"`` or ``"multiply"``.
+        method: ``"auto"`` (Triton on CUDA, LUT on CPU where it pays, multiply elsewhere), ``"triton"``,
+            ``"lut"`` or ``"multiply"``.
 
     Returns the largest scratch allocation in bytes (for the load report).
     """
@@ -93,6 +95,14 @@ def dequantize_into(
         raise ValueError(f"out {tuple(out.shape)} and codes {tuple(codes.shape)} differ")
     if codes.numel() == 0:
         return 0
+    if codes.is_cuda and method in ("auto", "triton"):
+        from .triton_fp8 import dequantize_into_triton
+
+        # The kernel needs no scratch and takes the whole box in one launch (no sub-chunks).
+        if dequantize_into_triton(out, codes, scale, tuple(box_start), tuple(block), tuple(win_start)):
+            return 0
+        if method == "triton":
+            raise ValueError("the Triton kernel cannot take these inputs (see triton_fp8.dequantize_into_triton)")
     if codes.ndim == 1:
         return dequantize_into(out[None], codes[None], scale[None], (0, *box_start), (1, *block), (0, *win_start),
                                method)

@@ -8,23 +8,30 @@ The formula (formats.md §1.1), in global block coordinates::
 one fp32 product, then round-to-nearest-even (Triton's default for fp32 -> bf16/fp16 is RTNE, PTX
 ``cvt.rn``; we pass ``fp_downcast_rounding="rtne"`` to make that explicit).
 
-Kernel shape.  One program per ``BLOCK_R x BLOCK_C`` tile of the box (1-D grid, row-major tile order), no
-loop: the box is memory-bound (1 byte read + 2 written per BF16 element, ~0 FLOP/byte), so the design is
-"16-byte accesses, many bytes in flight, almost no per-element integer work":
+Kernel shape.  One program per ``BLOCK_R x BLOCK_C`` tile of the box (1-D grid, row-major tile order, no
+loop; default 64x128, 4 warps, 64 elements per thread).  The work is memory-bound (1 byte read + 2 written
+per BF16 element, no arithmetic to speak of), so the design is "16-byte accesses, many bytes in flight,
+almost no per-element integer work".  What the sm_90 SASS of the default BF16 variant shows (compiled
+locally by Triton's bundled ptxas; 60 registers, no shared memory, no spills): 8 ``LDG.E.EF.64`` code
+loads, 8 ``STG.E.128`` stores, 4 scalar scale loads per thread, and per element 1/2 ``F2FP.F16.E4M3``
++ 1 ``HADD2.F32`` (exact e4m3 -> fp32), 1 ``FMUL``, ~1 ``FSEL`` (the scale), 1/2 ``F2FP.BF16.F32`` (RNE):
 
-* codes are loaded first (16 consecutive FP8 codes per thread, one 16-byte load when the row stride and the
-  base are 16-aligned, which Triton's argument specialisation detects), so the loads are in flight while
-  the scale indices are computed;
+* code loads are VEC bytes (8 for BF16/FP16 out, 4 for FP32), matching the 16-byte output stores, so the
+  tile keeps one register layout; 16-byte code loads make Triton relayout through shared memory
+  (``tile=(.., .., .., 16)`` selects that variant; ``benchmarks/kernels.py --sweep`` times both);
 * the scale index is never computed per element.  Rows and columns are separable: a tile whose rows span at
   most two row blocks (``bm >= BLOCK_R`` or a window with <= 2 block rows: "wide" rows) needs one
-  comparison per row, not a division; likewise for columns.  A tile that is wide both ways loads 4 scalars
-  (``s00 s01 s10 s11``) and picks per element with two selects; per-channel ``(1, K)`` scales load one or
-  two values per row; only narrow-narrow layouts (group ``(1, 32)`` with 128-column tiles, ``7x5`` blocks)
-  gather one scale per element (L1 hits: the window is tiny);
+  comparison per row, not a division; likewise for columns.  A tile wide both ways loads 4 scalars
+  (``s00 s01 s10 s11``) and picks per element with selects; per-channel ``(1, K)`` scales load one or two
+  values per row; group ``(1, 32)`` gets 256x32 tiles (columns wide); only blocks under 32 columns that are
+  also short (``7x5``) gather one scale per element (slower: a column-major gather layout, 106 registers);
 * per-tile offsets are int64 scalars (``row_lo * stride``), in-tile offsets int32 vectors: no int64 math per
-  element, and boxes over 2**31 elements still work (the wrapper checks ``BLOCK_R * stride < 2**31``);
+  element, and tensors over 2**31 elements work (the wrapper checks ``BLOCK_R * stride < 2**31``);
 * ``out`` may be any view with unit inner stride (a narrow of a row-major local shard): its row stride is an
-  argument; a stride that is not a multiple of 16 elements only costs vector width, never correctness.
+  argument.  Vector accesses need cols and both row strides to be multiples of VEC elements and 16-byte
+  aligned bases; the wrapper checks that and passes those values divided by VEC (so the kernel's
+  multiplication proves the divisibility to Triton).  Otherwise the kernel runs scalar accesses on 16x128
+  tiles: correct, several times slower.
 
 ``SOFT=True`` decodes FP8 and rounds to BF16 with integer bit operations instead of the hardware
 conversions.  It exists because Triton's CPU interpreter (``TRITON_INTERPRET``) decodes the NaN codes
@@ -59,21 +66,29 @@ _I32_MAX = 2**31 - 1
 
 def _dequant_fp8_kernel(
     out_ptr, codes_ptr, scale_ptr,
-    rows, cols, out_stride, codes_stride,
+    rows, cols_u, out_stride_u, codes_stride_u,
     r0, c0, bm, bn, wr0, wc0, gr, gc, n_col_tiles,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ROW_WIDE: tl.constexpr, COL_WIDE: tl.constexpr,
-    OUT_KIND: tl.constexpr, SOFT: tl.constexpr, VEC: tl.constexpr,
+    OUT_KIND: tl.constexpr, SOFT: tl.constexpr, VEC: tl.constexpr, CODES_VEC: tl.constexpr,
+    UNIT: tl.constexpr, CODES_UNIT: tl.constexpr,
 ):  # fmt: skip
+    # cols and codes_stride arrive divided by CODES_UNIT, out_stride by UNIT (the vector widths when the
+    # wrapper found them aligned, else 1): multiplying back gives Triton's alignment analysis the
+    # divisibility that allows vector accesses (tl.multiple_of on a kernel argument is silently dropped in
+    # triton 3.6: an argument has no defining op to carry the hint).
+    cols = cols_u * CODES_UNIT
+    out_stride = out_stride_u * UNIT
+    codes_stride = codes_stride_u * CODES_UNIT
     pid = tl.program_id(0)
     tr = pid // n_col_tiles
     row_lo = tr * BLOCK_R
     col_lo = (pid - tr * n_col_tiles) * BLOCK_C
     ri = tl.arange(0, BLOCK_R)
-    # VEC = 16 bytes of output per access.  Capping the codes' vector width at VEC too (a VEC-byte load)
-    # gives loads and stores one register layout; uncapped, Triton loads 16 codes per thread and moves
-    # them through shared memory (4 KB + 3 barriers per 64x128 tile in the sm_90 SASS) to reach the
-    # 8-per-thread store layout.
+    # VEC = elements per 16-byte output access.  Capping the codes' vector width at VEC too (CODES_VEC ==
+    # VEC: an 8-byte load for BF16) gives loads and stores one register layout; with CODES_VEC = 16 Triton
+    # loads 16 codes per thread and moves them through shared memory (4 KB + 3 barriers per 64x128 tile
+    # in the sm_90 SASS) to reach the 8-per-thread store layout.  benchmarks/kernels.py --sweep times both.
     ci = tl.max_contiguous(tl.arange(0, BLOCK_C), VEC)
     rmask = (row_lo + ri) < rows
     cmask = (col_lo + ci) < cols
@@ -81,8 +96,14 @@ def _dequant_fp8_kernel(
 
     # Codes first, so the bytes are in flight while the scale indices are worked out.
     c_tile = codes_ptr + row_lo.to(tl.int64) * codes_stride + col_lo
-    q = tl.load(c_tile + ri[:, None] * codes_stride + ci[None, :], mask=mask, other=0,
-                eviction_policy="evict_first")
+    if CODES_VEC == VEC:
+        q = tl.load(c_tile + ri[:, None] * codes_stride + ci[None, :], mask=mask, other=0,
+                    eviction_policy="evict_first")
+    else:
+        cq = tl.max_contiguous(tl.arange(0, BLOCK_C), CODES_VEC)
+        mask_q = rmask[:, None] & ((col_lo + cq) < cols)[None, :]
+        q = tl.load(c_tile + ri[:, None] * codes_stride + cq[None, :], mask=mask_q, other=0,
+                    eviction_policy="evict_first")
 
     # Window block index of each row / column, separably.  "Wide": the tile spans <= 2 blocks along that
     # dim, so the index is (first block) + (a comparison), no division per row / column.
@@ -152,9 +173,11 @@ def _dequant_fp8_kernel(
     tl.store(o_tile + ri[:, None] * out_stride + ci[None, :], o, mask=mask)
 
 
-# Scalars that only feed per-tile arithmetic: specialising them on divisibility / == 1 would only multiply
-# compiled variants (each ~1 s).  cols and the two strides stay specialised: they decide vector width.
-_NO_SPECIALIZE = ["rows", "r0", "c0", "bm", "bn", "wr0", "wc0", "gr", "gc", "n_col_tiles"]
+# No integer specialisation (divisibility by 16, == 1): it would multiply compiled variants (~1 s each)
+# and it only knows "divisible by 16", while a BF16 row needs 8 elements for 16-byte accesses.  The
+# wrapper's UNIT carries the alignment that matters instead.  Pointers keep Triton's 16-byte specialisation.
+_NO_SPECIALIZE = ["rows", "cols_u", "out_stride_u", "codes_stride_u", "r0", "c0", "bm", "bn", "wr0", "wc0", "gr",
+                  "gc", "n_col_tiles"]
 
 
 @functools.cache
@@ -190,7 +213,7 @@ def dequantize_into_triton(
     block: tuple[int, ...],
     win_start: tuple[int, ...],
     *,
-    tile: tuple[int, int, int] | None = None,
+    tile: tuple[int, ...] | None = None,
     soft: bool | None = None,
     interpret: bool = False,
 ) -> bool:
@@ -202,7 +225,8 @@ def dequantize_into_triton(
     leading index).  Raises ValueError, like the reference, on a shape mismatch or a window that does not
     cover the box.
 
-    Keyword-only, for tests and benchmarks: ``tile`` = (BLOCK_R, BLOCK_C, num_warps); ``soft`` forces the
+    Keyword-only, for tests and benchmarks: ``tile`` = (BLOCK_R, BLOCK_C, num_warps[, codes vector
+    width in elements, default: the output's 16-byte vector]); ``soft`` forces the
     integer FP8 decode / BF16 rounding; ``interpret`` runs Triton's CPU interpreter on CPU tensors.
     """
     if not _triton_importable() or not (interpret or triton_available()):
@@ -243,6 +267,23 @@ def _row_stride(t: torch.Tensor) -> int:
     return t.stride(0) if t.shape[0] > 1 else t.shape[1]
 
 
+def pick_tile(block: tuple[int, int], window: tuple[int, int], aligned: bool) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps) for a layout: keep one dim "wide" (the tile spans <= 2 blocks) so the
+    scale is a select, not a per-element gather (a 2-D gather makes Triton pick a column-major layout
+    for it: a shared-memory round trip per tile and ~4x the instructions per element in the sm_90 SASS;
+    ``benchmarks/kernels_sass.py`` prints each variant)."""
+    (bm, bn), (gr, gc) = block, window
+    if not aligned:  # scalar accesses, ~230 registers at 64 elements per thread: use 16
+        return (16, 128, 4)
+    br, bc, nw = DEFAULT_TILE
+    if bn < bc and gc > 2 and bn >= 32:  # group scales (1, 32) / (1, 64): narrower, taller tiles
+        bc = 1 << (bn.bit_length() - 1)
+        br = br * DEFAULT_TILE[1] // bc
+    elif bn < bc and gc > 2 and (bm < br and gr > 2):  # tiny blocks (7x5): the gather path, small tiles
+        br, bc = 32, 64
+    return br, bc, nw
+
+
 def _launch_2d(out, codes, scale, box_start, block, win_start, tile, soft, interpret) -> bool:
     rows, cols = codes.shape
     (r0, c0), (bm, bn), (wr0, wc0) = box_start, block, win_start
@@ -258,8 +299,14 @@ def _launch_2d(out, codes, scale, box_start, block, win_start, tile, soft, inter
             f"scale window {tuple(scale.shape)} at block {tuple(win_start)} does not cover box "
             f"{tuple(codes.shape)} at {tuple(box_start)} with block {tuple(block)}"
         )
-    block_r, block_c, num_warps = tile or DEFAULT_TILE
     out_stride, codes_stride = _row_stride(out), _row_stride(codes)
+    vec = 16 // out.element_size()  # elements per 16-byte output access (8 for BF16)
+    aligned = (
+        cols % vec == 0 and out_stride % vec == 0 and codes_stride % vec == 0
+        and out.data_ptr() % 16 == 0 and codes.data_ptr() % 16 == 0
+    )  # fmt: skip
+    block_r, block_c, num_warps, *rest = tile or pick_tile((bm, bn), (gr, gc), aligned)
+    codes_vec = rest[0] if rest and aligned and cols % rest[0] == 0 and codes_stride % rest[0] == 0 else vec
     # In-tile offsets are int32: (BLOCK_R - 1) * stride + BLOCK_C and global coordinates must fit.
     if max(out_stride, codes_stride) * block_r + block_c > _I32_MAX or max(r0 + rows, c0 + cols) > _I32_MAX:
         return False
@@ -268,17 +315,19 @@ def _launch_2d(out, codes, scale, box_start, block, win_start, tile, soft, inter
     if soft is None:
         soft = interpret or not _native_fp8(out.device.index if out.device.index is not None else 0)
     scale = scale.contiguous()
+    unit, codes_unit = (vec, codes_vec) if aligned else (1, 1)
     n_col_tiles = triton.cdiv(cols, block_c)
     grid = (triton.cdiv(rows, block_r) * n_col_tiles,)
     args = (
         out, codes.view(torch.uint8), scale,
-        rows, cols, out_stride, codes_stride,
+        rows, cols // codes_unit, out_stride // unit, codes_stride // codes_unit,
         r0, c0, bm, bn, wr0, wc0, gr, gc, n_col_tiles,
     )  # fmt: skip
     meta = dict(
         BLOCK_R=block_r, BLOCK_C=block_c,
         ROW_WIDE=bm >= block_r or gr <= 2, COL_WIDE=bn >= block_c or gc <= 2,
-        OUT_KIND=_OUT_KIND[out.dtype], SOFT=bool(soft), VEC=16 // out.element_size(),
+        OUT_KIND=_OUT_KIND[out.dtype], SOFT=bool(soft), VEC=vec, CODES_VEC=codes_vec,
+        UNIT=unit, CODES_UNIT=codes_unit,
     )  # fmt: skip
     if interpret:
         _kernel(True)[grid](*args, **meta)

@@ -1,0 +1,9 @@
+"""Model-level loading: per-family key mappers (separate from the scale-format adapters) and
+``load_fp8_checkpoint`` for built, parallelized ``nn.Module``s."""
+
+from .families import get_key_mapper, list_key_mappers, register_key_mapper
+from .keymap import Chain, FusedExperts, KeyMapper, Part, Renames, Tied
+from .load import load_fp8_checkpoint
+
+__all__ = ["Chain", "FusedExperts", "KeyMapper", "Part", "Renames", "Tied", "get_key_mapper",
+           "list_key_mappers", "load_fp8_checkpoint", "register_key_mapper"]
