@@ -88,16 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config-dir", "-cd", default=None, help="a folder of your own recipes")
     p.add_argument("--cfg", action="store_true", help="print the composed config and exit")
     p.add_argument("--list", action="store_true", help="list the recipes")
-    p.add_argument("--docs", action="store_true", help="print the recipe reference (docs/recipes.md)")
+    p.add_argument("--docs", choices=["recipes", "troubleshooting"],
+                   help="print a generated doc (docs/recipes.md, docs/troubleshooting.md)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     args = p.parse_args(argv)
     if args.list:
         print("\n".join(list_recipes()))
         return 0
     if args.docs:
+        from ._docs import troubleshooting_markdown
         from .config import recipes_markdown
 
-        print(recipes_markdown(list_recipes()))
+        print(recipes_markdown(list_recipes()) if args.docs == "recipes" else troubleshooting_markdown(), end="")
         return 0
     if not args.config_name:
         p.error(f"--config-name is required (recipes: {', '.join(list_recipes())})")

@@ -15,7 +15,7 @@ from .checkpoint.index import CheckpointIndex
 from .dist import all_gather_object, is_dist, raise_on_all_ranks
 from .errors import CheckpointError
 from .formats import get_adapter
-from .layouts import Layout, build_state_dict
+from .layouts import Layout, build_state_dict, make_mesh
 from .preflight import GiB, Preflight, plan_convert, plan_load, refuse_if_unfit
 
 
@@ -108,8 +108,9 @@ def load_check(cfg, layout: Layout, pf: Preflight) -> dict[str, Any]:
     device = f"cuda:{torch.cuda.current_device()}" if cfg.device == "cuda" else "cpu"
     index = CheckpointIndex.open(cfg.checkpoint.path)
     adapter = get_adapter(cfg.checkpoint.path, index=index)
+    mesh = make_mesh(layout, device)
     host0 = rss_anon_bytes()
-    sd, boxes = build_state_dict(adapter.plan.logical, layout, rank, device)
+    sd, boxes = build_state_dict(adapter.plan.logical, layout, rank, device, mesh=mesh)
     report = load_fp8_state_dict(sd, cfg.checkpoint.path, chunk_bytes=cfg.io.chunk_mb << 20,
                                  io_backend=cfg.io.backend)
     mismatches = verify_shards(sd, boxes, index, adapter) if cfg.verify else None

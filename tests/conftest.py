@@ -10,7 +10,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # `import reference` from test modules and pool workers
 
+import torch  # noqa: E402
+
 from streaming_adapters.testing.fixtures import make_checkpoint  # noqa: E402
+
+# tests/gpu/ needs a CUDA device: it runs on the GPU machine (docs/benchmarks.md records the runs), and is
+# not collected on CPU machines rather than reported as skipped.
+collect_ignore_glob = [] if torch.cuda.is_available() else ["gpu/*"]
 
 
 class CheckpointFactory:

@@ -67,7 +67,8 @@ def run_peer(peer: str, path: str, device: str, workdir: str) -> dict:
 
         buf = torch.empty(256 << 20, dtype=torch.uint8)
         nbytes = 0
-        with BoxReader(index.path, "pread") as io:
+        # The limit: plain preads of the same boxes with the kernel's readahead left on.
+        with BoxReader(index.path, "pread", advise_random=False) as io:
             for name, (start, length) in boxes.items():
                 info = adapter.plan.logical[name].stored
                 n = 1
