@@ -197,3 +197,22 @@ def expect_error(path: str, keys_by_rank: dict[int, list[str]] | None = None):
     except Exception as e:  # noqa: BLE001 -- the test asserts on the class
         return type(e).__name__, str(e), isinstance(e, sa.CheckpointError)
     return None, "", False
+
+
+def convert(src: str, dst: str, target: str, fmt: str | None, step_bytes: int):
+    """convert_checkpoint on every rank of the pool; returns this rank's report numbers."""
+    from streaming_adapters.convert import convert_checkpoint
+
+    r = convert_checkpoint(src, dst, target=target, format=fmt, step_bytes=step_bytes, progress=False)
+    return r.world_size, r.bytes_read, r.bytes_written, r.steps
+
+
+def same_tree(a, b) -> None:
+    """Every file of two output folders byte-identical (report.json aside)."""
+    from pathlib import Path
+
+    a, b = Path(a), Path(b)
+    names = sorted(p.name for p in a.iterdir() if p.name != "report.json")
+    assert names == sorted(p.name for p in b.iterdir() if p.name != "report.json"), (names,)
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), f"{n} differs"

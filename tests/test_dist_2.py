@@ -115,3 +115,17 @@ def test_read_error_on_one_rank_raised_on_every_rank(pool, checkpoints, tmp_path
     results = pool.run(B.expect_error, path, keys)
     assert [r[0] for r in results] == ["ScaleLayoutError", "ScaleLayoutError"], results
     assert all(r[2] and "not finite" in r[1] and s in r[1] for r in results)
+
+
+@pytest.mark.parametrize("target,fmt", [("bf16", None), ("nvfp4", "compressed-tensors"), ("nvfp4", "modelopt")])
+def test_conversion_bytes_identical_to_world_1(pool, checkpoints, tmp_path, target, fmt):
+    from streaming_adapters.convert import convert_checkpoint
+
+    src = checkpoints("deepseek_v3", "fp8_block")
+    convert_checkpoint(src, tmp_path / "w1", target=target, format=fmt, step_bytes=1 << 18, progress=False)
+    results = pool.run(B.convert, str(src), str(tmp_path / "w2"), target, fmt, 1 << 18)
+    assert [r[0] for r in results] == [2, 2]
+    # The ranks read disjoint pieces: together about the checkpoint once (scale windows overlap a little).
+    total = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    assert sum(r[1] for r in results) < 1.05 * total and min(r[1] for r in results) > 0.2 * total
+    B.same_tree(tmp_path / "w1", tmp_path / "w2")

@@ -36,3 +36,15 @@ def test_uneven_vocab_and_tp4(pool, checkpoints):
     # vocab 1001 over 4 ranks: 251, 250, 250, 250 rows; kv heads 64 rows over 4 ranks.
     results = pool.run(B.tp_load, str(checkpoints("llama", "fp8_block")))
     assert all(r[0] > 0 for r in results)
+
+
+@pytest.mark.parametrize("family,fmt", [("qwen3_moe", "compressed-tensors"), ("llama", "modelopt")])
+def test_conversion_bytes_identical_to_world_1(pool, checkpoints, tmp_path, family, fmt):
+    from streaming_adapters.convert import convert_checkpoint
+
+    src = checkpoints(family, "fp8_block")
+    # Different step sizes too: the split of work must not change a byte.
+    convert_checkpoint(src, tmp_path / "w1", target="nvfp4", format=fmt, step_bytes=1 << 30, progress=False)
+    results = pool.run(B.convert, str(src), str(tmp_path / "w4"), "nvfp4", fmt, 1 << 17)
+    assert all(r[0] == 4 for r in results) and all(r[1] > 0 for r in results)
+    B.same_tree(tmp_path / "w1", tmp_path / "w4")

@@ -40,39 +40,12 @@ from compressed_tensors.quantization.lifecycle.forward import quantize as ct_qua
 from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme  # noqa: E402
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam  # noqa: E402
 
-SCHEME = preset_name_to_scheme("NVFP4A16", ["Linear"])
+from producers import SCHEME, llmcompressor_compress, load_modelopt_nvfp4  # noqa: E402
 TIES = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]
 
 
 def u8(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8)
-
-
-def _llmcompressor_compress(members: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """What llm-compressor 0.14 writes for one fused group of BF16 weights (model-free PTQ path):
-    ``MemorylessMinMaxObserver`` statistics (BF16 amin/amax per 16-block), ``Observer.get_global_scale``
-    over the group, ``calculate_qparams``, values stored in the Linear's BF16 qparams, then the
-    compressed-tensors NVFP4 compressor."""
-    stats = []
-    for w in members:
-        obs = w.unflatten(-1, (-1, 16)).unsqueeze(0)  # flatten_for_calibration, TENSOR_GROUP
-        stats.append((torch.amin(obs, dim=(0, -1)), torch.amax(obs, dim=(0, -1))))
-    absmax = stats[0][1].max()
-    for mn, mx in stats:  # Observer.get_global_scale
-        absmax = torch.max(absmax, -mn.min())
-        absmax = torch.max(absmax, mx.max())
-    gs = generate_gparam(-absmax.reshape(1), absmax.reshape(1))
-    out = []
-    for w, (mn, mx) in zip(members, stats):
-        scale, _ = calculate_qparams(min_vals=mn, max_vals=mx, quantization_args=SCHEME.weights, global_scale=gs)
-        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
-        lin.weight.data.copy_(w)
-        initialize_module_for_quantization(lin, SCHEME)  # weight_scale is BF16, weight_global_scale fp32 [1]
-        lin.weight_scale.data.copy_(scale)
-        lin.weight_global_scale.data.copy_(gs)
-        sd = {n: getattr(lin, n).data for n in ("weight", "weight_scale", "weight_global_scale")}
-        out.append(NVFP4PackedCompressor.compress(sd, SCHEME))
-    return out
 
 
 def _special_weight(n: int, k: int, seed: int) -> torch.Tensor:
@@ -110,7 +83,7 @@ def _tie_weight() -> torch.Tensor:
 def test_ct_matches_llmcompressor(shape):
     n, k = shape
     w = _special_weight(max(n, 8), k, seed=n)[-n:]
-    want = _llmcompressor_compress([w])[0]
+    want = llmcompressor_compress([w])[0]
     gs = nv.ct_global_scale(nv.tensor_amax(w))
     packed, scale = nv.quantize_ct(w, gs)
     assert_bit_equal(gs, want["weight_global_scale"], "global scale")
@@ -126,7 +99,7 @@ def test_ct_fused_group_shares_the_global_scale():
     g = torch.Generator().manual_seed(3)
     sizes = ((256, 0.02), (64, 0.3), (64, 0.01))
     q, k, v = ((torch.randn(n, 256, generator=g) * s).to(torch.bfloat16) for n, s in sizes)
-    want = _llmcompressor_compress([q, k, v])
+    want = llmcompressor_compress([q, k, v])
     amax = torch.stack([nv.tensor_amax(t) for t in (q, k, v)]).max()
     gs = nv.ct_global_scale(amax)
     for t, wnt in zip((q, k, v), want):
@@ -146,7 +119,7 @@ def test_ct_ties_and_signs():
     nibbles = torch.stack([packed[1, :8] & 15, packed[1, :8] >> 4], dim=1).reshape(-1).tolist()
     # 6 -> 7; ties 0.25 0.75 1.25 1.75 2.5 3.5 5 -> 0 2 2 4 4 6 6 (half to even); negatives | 8; -0.0 -> 0.
     assert nibbles == [7, 0, 2, 2, 4, 4, 6, 6, 8, 10, 10, 12, 12, 14, 14, 0]
-    want = _llmcompressor_compress([w])[0]
+    want = llmcompressor_compress([w])[0]
     assert_bit_equal(packed, want["weight_packed"], "packed")
     assert_bit_equal(u8(scale), u8(want["weight_scale"]), "block scale")
 
@@ -271,49 +244,8 @@ def test_modelopt_through_compressed_tensors_converter():
     assert rel < 2**-6
 
 
-def _load_modelopt_nvfp4():
-    """The real ``NVFP4QTensor`` of an importable ``modelopt``: imported normally, or, when the package was
-    installed without its dependencies, by executing its own nvfp4_tensor.py / numeric_utils.py and the
-    three reduce helpers of core_utils.py with torch only."""
-    spec = importlib.util.find_spec("modelopt")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    try:
-        from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
-
-        return NVFP4QTensor
-    except Exception:
-        pass
-    q = Path(list(spec.submodule_search_locations)[0]) / "torch" / "quantization"
-    root = "_modelopt_nvfp4_src"
-
-    def module(name, path=None, keep=None):
-        m = types.ModuleType(root + name)
-        m.__path__ = []
-        m.__package__ = (root + name).rpartition(".")[0] if path is not None else root + name
-        m.__dict__.update(torch=torch, F=torch.nn.functional, nn=torch.nn, Any=object)
-        sys.modules[m.__name__] = m
-        if path is not None:
-            tree = ast.parse(Path(path).read_text())
-            if keep is not None:
-                tree.body = [n for n in tree.body if getattr(n, "name", None) in keep or isinstance(n, ast.Assign)
-                             and any(getattr(t, "id", None) in keep for t in n.targets)]
-            exec(compile(tree, str(path), "exec"), m.__dict__)
-        return m
-
-    module("")
-    module(".backends")
-    module(".backends.utils", q / "backends" / "utils.py")
-    module(".qtensor")
-    module(".qtensor.base_qtensor", q / "qtensor" / "base_qtensor.py", keep={"BaseQuantizedTensor"})
-    module(".utils", q / "utils" / "core_utils.py",
-           keep={"reduce_amax", "reduce_block_amax", "reduce_block_padding", "_FP8_DTYPES"})
-    module(".utils.numeric_utils", q / "utils" / "numeric_utils.py")
-    return module(".qtensor.nvfp4_tensor", q / "qtensor" / "nvfp4_tensor.py").NVFP4QTensor
-
-
 def test_modelopt_matches_real_nvfp4qtensor():
-    Q = _load_modelopt_nvfp4()
+    Q = load_modelopt_nvfp4()
     if Q is None:
         pytest.skip("modelopt not importable: compared against tests/nvfp4_reference.py only")
     for shape, seed in (((33, 160), 1), ((64, 2048), 2), ((2, 32), 3)):
@@ -364,7 +296,7 @@ def test_all_zero_tensor():
     gs = nv.ct_global_scale(nv.tensor_amax(z))
     packed, scale = nv.quantize_ct(z, gs)
     assert gs.tolist() == [1.0] and bool((u8(scale) == 0x20).all()) and bool((packed == 0).all())
-    want = _llmcompressor_compress([z])[0]
+    want = llmcompressor_compress([z])[0]
     assert_bit_equal(packed, want["weight_packed"], "packed")
     assert_bit_equal(u8(scale), u8(want["weight_scale"]), "scale")
     assert_bit_equal(gs, want["weight_global_scale"], "gs")
