@@ -73,6 +73,8 @@ class IOConfig:
     """Most FP8 code bytes in flight per rank, whatever the tensor size."""
     step_mb: float = 1024
     """Conversion: BF16 bytes per step (each rank holds its share of one step)."""
+    sync_s: float = 30
+    """Conversion: fsync and record finished steps (the resume points) at most this often; 0 = every step."""
 
 
 @dataclass

@@ -167,7 +167,7 @@ def convert(cfg, pf: Preflight) -> dict[str, Any]:
         cfg.checkpoint.path, cfg.output.path, target=target, format=cfg.output.format,
         step_bytes=int(cfg.io.step_mb * (1 << 20)), chunk_bytes=cfg.io.chunk_mb << 20, io_backend=cfg.io.backend,
         ignore=list(cfg.output.ignore), overwrite=cfg.output.overwrite, restart=cfg.output.restart,
-        device=device, progress=cfg.report.progress,
+        device=device, sync_every_s=cfg.io.sync_s, progress=cfg.report.progress,
     )
     out = report.to_dict()
     out["planned"] = [vars(r) for r in pf.ranks]

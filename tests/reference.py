@@ -66,3 +66,29 @@ def reference_state_dict(path: str | Path, dtype: torch.dtype = torch.bfloat16) 
             block = (1, k)
         out[name] = (t.to(torch.float32) * _expand(s, (n, k), block)).to(dtype)
     return out
+
+
+def reference_tensors(path: str | Path, names: list[str], dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """``reference_state_dict`` restricted to ``names`` (block FP8 or plain tensors), reading only those
+    tensors and their scales: for checkpoints too large to dequantize whole."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    if qc and (qc.get("quant_method") != "fp8" or not qc.get("weight_block_size")):
+        raise ValueError("reference_tensors reads block FP8 (quant_method fp8) or unquantized checkpoints")
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(path / weight_map[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    out = {}
+    for name in names:
+        t = read(name)
+        sname = name[: -len(".weight")] + ".weight_scale_inv"
+        if t.dtype == torch.float8_e4m3fn:
+            s = _scale_value(read(sname))
+            t = t.to(torch.float32) * _expand(s, tuple(t.shape), tuple(qc["weight_block_size"]))
+        out[name] = t.to(dtype)
+    return out

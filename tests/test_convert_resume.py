@@ -27,7 +27,7 @@ def _torchrun(src: Path, dst: Path, task: str, fmt: str | None, nproc: int) -> s
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--master-port={free_port()}", "--master-addr=127.0.0.1",
            "-m", "streaming_adapters.run", "--config-name", task, f"checkpoint.path={src}", f"output.path={dst}",
-           f"parallel.dp_shard={nproc}", f"io.step_mb={STEP_MB}", "report.progress=false"]
+           f"parallel.dp_shard={nproc}", f"io.step_mb={STEP_MB}", "io.sync_s=0", "report.progress=false"]
     if fmt:
         cmd.append(f"output.format={fmt}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -61,7 +61,7 @@ class BoxReader:
         self.backend = backend
         self.advise_random = backend == "pread" if advise_random is None else advise_random
         self._maps: dict[str, torch.Tensor] = {}
-        self._mms: list[mmap.mmap] = []
+        self._mms: dict[str, mmap.mmap] = {}
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
         self.bytes_read = 0
@@ -87,9 +87,33 @@ class BoxReader:
             return self._read_mmap(info, start, length)
         return self._read_pread(info, start, length, nbytes, out)
 
+    def prefetch(self, info: TensorInfo, start: tuple[int, ...], length: tuple[int, ...]) -> None:
+        """Ask the kernel to start reading a box now (``MADV_WILLNEED`` / ``POSIX_FADV_WILLNEED``), so the
+        disk works while the CPU or GPU is busy with the previous box.  Only the box's span is named:
+        dense boxes (row ranges) as one range, strided ones run by run."""
+        run, _, offs = runs_of_box(info.shape, start, length, info.itemsize)
+        if not offs or run == 0:
+            return
+        page = mmap.PAGESIZE
+        ranges = [(offs[0], offs[-1] + run)] if (offs[-1] + run - offs[0]) <= 2 * run * len(offs) else \
+            [(o, o + run) for o in offs]
+        if self.backend == "mmap":
+            self._file_tensor(info.file)  # make sure the mapping exists
+            mm = self._mms[info.file]
+            for a, b in ranges[:4096]:
+                lo = (info.begin + a) // page * page
+                try:
+                    mm.madvise(mmap.MADV_WILLNEED, lo, info.begin + b - lo)
+                except (OSError, ValueError):
+                    return
+        elif hasattr(os, "posix_fadvise"):
+            fd = self._fd(info.file)
+            for a, b in ranges[:4096]:
+                os.posix_fadvise(fd, info.begin + a, b - a, os.POSIX_FADV_WILLNEED)
+
     def close(self) -> None:
         self._maps.clear()
-        for mm in self._mms:
+        for mm in self._mms.values():
             try:
                 mm.close()
             except BufferError:  # a view still alive; the mapping goes when it does
@@ -116,7 +140,7 @@ class BoxReader:
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
                 if self.advise_random and hasattr(mm, "madvise"):
                     mm.madvise(mmap.MADV_RANDOM)
-                self._mms.append(mm)
+                self._mms[rel] = mm
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     t = torch.frombuffer(mm, dtype=torch.uint8)

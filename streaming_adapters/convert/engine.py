@@ -48,6 +48,7 @@ def convert_checkpoint(
     overwrite: bool = False,
     restart: bool = False,
     device: str | torch.device = "cpu",
+    sync_every_s: float = 30.0,
     progress: bool = True,
     verbose: bool = False,
 ) -> ConvertReport:
@@ -57,6 +58,8 @@ def convert_checkpoint(
     ``format`` (nvfp4): ``"compressed-tensors"`` (default) or ``"modelopt"``.  ``ignore``: module names
     or patterns (fnmatch, or ``re:`` regex) kept out of NVFP4.  The output is byte-identical for any world
     size; a killed run resumes from its last finished step when called again with the same arguments.
+    ``sync_every_s``: how often the written steps are fsynced and recorded as done (the resume points);
+    0 = after every step.  Between sync points ranks run without barriers.
     """
     rank, world = rank_and_world(process_group)
     dev = torch.device(device)
@@ -90,15 +93,27 @@ def convert_checkpoint(
     filler = BoxFiller(io, chunk_bytes)
     bar = _progress(plan, rank == 0 and progress)
     with MemoryMonitor(dev if dev.type == "cuda" else None) as mem:
-        for step in plan.steps:
-            if step.index not in done:
-                _run_step(plan, step, rank, filler, staged, dev, process_group)
+        todo = [s for s in plan.steps if s.index not in done]
+        unsynced: list[int] = []
+        last_sync = time.perf_counter()
+        if todo:
+            _prefetch(plan, todo[0], rank, io)
+        for i, step in enumerate(todo):
+            if i + 1 < len(todo):
+                # The disk reads the next step while this one is dequantized and quantized.
+                _prefetch(plan, todo[i + 1], rank, io)
+            _run_step(plan, step, rank, filler, staged, dev, process_group)
+            unsynced.append(step.index)
+            if i + 1 == len(todo) or time.perf_counter() - last_sync >= sync_every_s:
                 staged.sync()
                 _barrier(process_group)
                 if rank == 0:
-                    staged.mark_done(step.index)
+                    staged.mark_done(unsynced)
+                unsynced, last_sync = [], time.perf_counter()
             if bar is not None:
                 bar.update(1)
+        if bar is not None:
+            bar.update(len(plan.steps) - len(todo))
         staged.close()
         io.close()
         if bar is not None:
@@ -149,6 +164,13 @@ def _progress(plan: ConversionPlan, enabled: bool):
 
     return tqdm(total=len(plan.steps), desc=f"convert -> {plan.target}{'/' + plan.format if plan.format else ''}",
                 unit="step", dynamic_ncols=True)
+
+
+def _prefetch(plan: ConversionPlan, step: Step, rank: int, io: BoxReader) -> None:
+    for p in step.pieces.get(rank, []):
+        lt = plan.logical[p.tensor]
+        if lt.shape:
+            io.prefetch(lt.stored, (p.r0,) + (0,) * (len(lt.shape) - 1), (p.r1 - p.r0, *lt.shape[1:]))
 
 
 def _bytes(t: torch.Tensor) -> memoryview:

@@ -79,10 +79,12 @@ class StagedOutput:
         d = self.root / BOOK / "steps"
         return {int(p.stem) for p in d.glob("*.done")} if d.exists() else set()
 
-    def mark_done(self, step: int) -> None:
-        p = self.root / BOOK / "steps" / f"{step:06d}.done"
-        p.write_text("ok")
-        _fsync_dir(p.parent)
+    def mark_done(self, steps: list[int]) -> None:
+        """Record finished steps; called after every rank has fsynced their bytes."""
+        d = self.root / BOOK / "steps"
+        for step in steps:
+            (d / f"{step:06d}.done").write_text("ok")
+        _fsync_dir(d)
 
     def finalize(self, index_json: dict[str, Any], extra_json: dict[str, dict], source: Path, overwrite: bool) -> None:
         """Write index/config, copy non-weight files, fsync, then atomically rename into place."""

@@ -3,7 +3,7 @@
 
 from .families import get_key_mapper, list_key_mappers, register_key_mapper
 from .keymap import Chain, FusedExperts, KeyMapper, Part, Renames, Tied
-from .load import load_fp8_checkpoint
+from .load import ModelLoadReport, load_fp8_checkpoint
 
-__all__ = ["Chain", "FusedExperts", "KeyMapper", "Part", "Renames", "Tied", "get_key_mapper",
+__all__ = ["Chain", "FusedExperts", "KeyMapper", "ModelLoadReport", "Part", "Renames", "Tied", "get_key_mapper",
            "list_key_mappers", "load_fp8_checkpoint", "register_key_mapper"]

@@ -103,6 +103,11 @@ class ProcessGroupPool:
             raise RankError(f"{len(errors)} rank(s) failed; rank {rank}: {name}: {msg}\n{tb}")
         return [results[r] for r in range(self.world_size)]
 
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' pids in rank order (to sample their memory from outside, see ``rss.py``)."""
+        return [p.pid for p in self._procs]
+
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> list[Any]:
         for q in self._in:
             q.put((fn, args, kwargs))

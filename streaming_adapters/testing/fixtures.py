@@ -18,6 +18,13 @@ Formats (``fmt``):
     modelopt             ModelOpt FP8: F32 0-dim weight_scale, input_scale, k_scale / v_scale
     fbgemm               fbgemm_fp8: F32 [N, 1] weight_scale
     bf16                 no quantization_config
+
+Families: the text models of ``FAMILIES`` and ``ministral3_vlm`` (``Mistral3ForConditionalGeneration``: a
+ministral3 text model, a pixtral vision tower and a projector).  The VLM is written in either key layout
+(``vlm_layout``): ``"new"`` (``model.language_model.*``, ``model.vision_tower.*``,
+``model.multi_modal_projector.*``, ``lm_head.weight``, as recent exports) or ``"old"`` (``language_model.model.*``,
+``vision_tower.*``, ``multi_modal_projector.*``, ``language_model.lm_head.weight``, as transformers'
+``save_pretrained`` writes it).  The vision tower and projector are never quantized, as in real checkpoints.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ FORMATS = (
     "fp8_block", "fp8_block_ue8m0", "fp8_block_e8m0", "fp8_block_u8", "fp8_tensor",
     "ct_tensor", "ct_channel", "ct_group", "ct_block", "ct_naive_channel", "modelopt", "fbgemm", "bf16",
 )
-FAMILIES = ("llama", "mistral", "ministral3", "qwen3", "qwen3_moe", "deepseek_v3", "mixtral")
+FAMILIES = ("llama", "mistral", "ministral3", "qwen3", "qwen3_moe", "deepseek_v3", "mixtral", "ministral3_vlm")
+VLM_LAYOUTS = ("new", "old")
 
 # Small but awkward dims: hidden 320 = 2.5 blocks of 128, intermediate 200 (N % ceil(N/128) == 0 but
 # N % 128 != 0: transformers' derived block is silently wrong there), vocab 1001 (divides by no world
@@ -65,34 +73,72 @@ _TINY: dict[str, dict[str, Any]] = {
                     num_hidden_layers=2, num_attention_heads=5, num_key_value_heads=1, head_dim=64,
                     vocab_size=1001, tie_word_embeddings=False),
 }
+# Pixtral tower of the VLM: 64x64 images of 16x16 patches, 2 layers; spatial merge 2 -> a 512-column merger.
+_VLM_VISION: dict[str, Any] = dict(model_type="pixtral", hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=4, head_dim=32, image_size=64, patch_size=16)
 _MODEL_TYPE = {"qwen3_moe": "qwen3_moe", "deepseek_v3": "deepseek_v3"}
 
-# Not quantized by any producer: embeddings, lm_head, norms, routers, biases.
-_UNQUANTIZED = re.compile(r"(embed_tokens|lm_head|norm|\.mlp\.gate\.|block_sparse_moe\.gate\.|e_score_correction_bias|\.bias$)")
+# Not quantized by any producer: embeddings, lm_head, norms, routers, biases, and (Mistral's
+# modules_to_not_convert) the vision tower and the multimodal projector.
+_UNQUANTIZED = re.compile(r"(embed_tokens|lm_head|norm|\.mlp\.gate\.|block_sparse_moe\.gate\.|e_score_correction_bias|"
+                          r"\.bias$|vision_tower\.|multi_modal_projector\.)")
+# old VLM layout (transformers' save_pretrained) -> new layout (the model's own names)
+_VLM_OLD_TO_NEW = ((re.compile(r"^language_model\.model\."), "model.language_model."),
+                   (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+                   (re.compile(r"^(vision_tower|multi_modal_projector)\."), r"model.\1."))
 
 
 def tiny_config(family: str, **overrides: Any):
     """A small transformers config of ``family`` with the awkward dims above (``overrides`` win)."""
     from transformers import AutoConfig
 
+    if family == "ministral3_vlm":
+        # Overrides go to the text model (num_hidden_layers=5 splits the language model, not the tower).
+        text = {"model_type": "ministral3", **_TINY["ministral3"], **overrides}
+        return AutoConfig.for_model("mistral3", text_config=text, vision_config=dict(_VLM_VISION),
+                                    spatial_merge_size=2, tie_word_embeddings=text["tie_word_embeddings"])
     if family not in _TINY:
-        raise ValueError(f"unknown family {family!r}; known: {sorted(_TINY)}")
+        raise ValueError(f"unknown family {family!r}; known: {sorted(_TINY) + ['ministral3_vlm']}")
     kwargs = {**_TINY[family], **overrides}
     return AutoConfig.for_model(_MODEL_TYPE.get(family, family), **kwargs)
 
 
-def disk_layout(config) -> dict[str, tuple[int, ...]]:
-    """Checkpoint tensor name -> shape, as ``save_pretrained`` of the real model class would write."""
-    from transformers import AutoModelForCausalLM
+def is_vlm(config) -> bool:
+    return getattr(config, "vision_config", None) is not None
+
+
+def build_meta_model(config):
+    """The real transformers model class of ``config`` on the meta device (BF16)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    auto = AutoModelForImageTextToText if is_vlm(config) else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config, dtype=torch.bfloat16)
+
+
+def disk_layout(config, vlm_layout: str = "new") -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor name -> shape, as ``save_pretrained`` of the real model class would write
+    (for a VLM, ``vlm_layout="new"`` renames to the model's own ``model.language_model.*`` names)."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    if vlm_layout not in VLM_LAYOUTS:
+        raise ValueError(f"vlm_layout={vlm_layout!r}; known: {VLM_LAYOUTS}")
+    model = build_meta_model(config)
     sd = model.state_dict()
     if getattr(config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)
     disk = revert_weight_conversion(model, sd)
+    if is_vlm(config) and vlm_layout == "new":
+        disk = {_vlm_new_name(k): v for k, v in disk.items()}
     return {k: tuple(v.shape) for k, v in sorted(disk.items())}
+
+
+def _vlm_new_name(name: str) -> str:
+    for pat, rep in _VLM_OLD_TO_NEW:
+        new = pat.sub(rep, name)
+        if new != name:
+            return new
+    return name
 
 
 def is_quantizable(name: str, shape: tuple[int, ...]) -> bool:
@@ -109,7 +155,7 @@ def original_tensor(name: str, shape: tuple[int, ...], seed: int = 0) -> torch.T
     g = torch.Generator().manual_seed(_seed(seed, name))
     if "norm" in name:
         return (1.0 + 0.1 * torch.randn(shape, generator=g)).to(torch.bfloat16)
-    if len(shape) < 2:
+    if len(shape) != 2:  # biases; the vision tower's 4-D patch convolution
         return (0.02 * torch.randn(shape, generator=g)).to(torch.bfloat16)
     w = 0.02 * torch.randn(shape, generator=g)
     w *= torch.exp(0.8 * torch.randn(shape[0], 1, generator=g))
@@ -249,12 +295,14 @@ def make_checkpoint(
     scales_in_other_file: bool = False,
     tie_word_embeddings: bool | None = None,
     extra_files: bool = True,
+    vlm_layout: str = "new",
     **config_overrides: Any,
 ) -> FixtureInfo:
     """Write an FP8 checkpoint of ``family`` in ``fmt`` to ``path`` (created) and describe it.
 
     ``scales_in_other_file`` moves every scale to the file after its weight's (scales may live anywhere
     the index says).  ``extra_files`` writes a tokenizer / generation config as real checkpoints have.
+    ``vlm_layout`` (``"new"`` / ``"old"``) picks the key layout of a VLM checkpoint; text models ignore it.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -262,8 +310,9 @@ def make_checkpoint(
         if tie_word_embeddings is not None:
             config_overrides["tie_word_embeddings"] = tie_word_embeddings
         config = tiny_config(family, **config_overrides)
-    layout = disk_layout(config)
-    skip = ["lm_head"] if fmt != "fp8_tensor" else ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+    layout = disk_layout(config, vlm_layout)
+    vlm = is_vlm(config)
+    skip = ["model.vision_tower", "model.multi_modal_projector", "lm_head"] if fmt == "fp8_tensor" or vlm else ["lm_head"]
     qc = quantization_config(fmt, block, group, skip)
 
     names = list(layout)
