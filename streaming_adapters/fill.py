@@ -39,10 +39,8 @@ class BoxFiller:
         self.quantized = 0
         self._staging: torch.Tensor | None = None
 
-    def fill(
-        self, lt: LogicalTensor, start: tuple[int, ...], length: tuple[int, ...], target: torch.Tensor
-    ) -> None:
-        """Fill ``target`` (shape ``length``) with the box ``[start, start + length)`` of ``lt``."""
+    def check(self, lt: LogicalTensor, length: tuple[int, ...], target: torch.Tensor) -> None:
+        """Validate a destination box and count it (also used when the GPU pipeline fills it)."""
         if tuple(target.shape) != tuple(length):
             raise DestinationError(
                 f"destination box {list(target.shape)} differs from the planned box {list(length)}",
@@ -58,6 +56,12 @@ class BoxFiller:
                     fix="allocate the destination in bfloat16 (or float32)",
                 )
             self.quantized += 1
+
+    def fill(
+        self, lt: LogicalTensor, start: tuple[int, ...], length: tuple[int, ...], target: torch.Tensor
+    ) -> None:
+        """Fill ``target`` (shape ``length``) with the box ``[start, start + length)`` of ``lt``."""
+        self.check(lt, length, target)
         device = target.device
         elem = lt.stored.itemsize
         # CUDA: codes (1 B) + the multiply path's fp32 copy and gathered scale (8 B) per element.

@@ -41,6 +41,8 @@ def load_fp8_state_dict(
     strict: bool = True,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     io_backend: str = "mmap",
+    gpu_pipeline: bool | str = "auto",
+    readers: int = 4,
     verbose: bool = False,
 ) -> LoadReport:
     """Fill ``state_dict`` in place from an FP8 (or plain) Hugging Face safetensors checkpoint.
@@ -55,6 +57,8 @@ def load_fp8_state_dict(
             ``report.missing``).
         chunk_bytes: the most FP8 code bytes in flight per rank, whatever the tensor size.
         io_backend: ``"mmap"`` (page-cache views) or ``"pread"`` (exact byte reads, no readahead).
+        gpu_pipeline / readers: CUDA destinations overlap reads (``readers`` threads), host-to-device
+            copies and dequantization (``streaming_adapters.pipeline``); ``True`` forces it on CPU.
         verbose: print the summary line on rank 0.
 
     Returns:
@@ -72,7 +76,7 @@ def load_fp8_state_dict(
         hidden_wanted = {k for k in state_dict if k in adapter.plan.hidden}
         reader = StreamingFP8StorageReader(
             checkpoint_path, index=index, adapter=adapter, chunk_bytes=chunk_bytes,
-            io_backend=io_backend, include_hidden=hidden_wanted,
+            io_backend=io_backend, include_hidden=hidden_wanted, gpu_pipeline=gpu_pipeline, readers=readers,
         )
         missing = _validate_destinations(state_dict, reader, strict)
     except CheckpointError as e:

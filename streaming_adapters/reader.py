@@ -38,6 +38,7 @@ from torch.futures import Future
 from .checkpoint.byteio import BoxReader
 from .checkpoint.index import CheckpointIndex
 from .fill import DEFAULT_CHUNK_BYTES, BoxFiller
+from .pipeline import DEFAULT_PIPELINE_CHUNK, GpuPipeline, split_box
 from .formats import LogicalTensor, StreamingFP8StateDictAdapter, get_adapter
 
 
@@ -50,6 +51,9 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
         chunk_bytes: the most FP8 code bytes processed at once, whatever the tensor size.
         io_backend: ``"mmap"`` or ``"pread"`` (see ``checkpoint/byteio.py``).
         include_hidden: ``True`` to expose every scale / activation-scale key, or a set of names.
+        gpu_pipeline: CUDA destinations go through :class:`~streaming_adapters.pipeline.GpuPipeline`
+            (``"auto"``); ``True`` forces it on CPU too (tests of its logic), ``False`` disables it.
+        readers: reader threads of the pipeline (reads in flight).
     """
 
     def __init__(
@@ -61,6 +65,8 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         io_backend: str = "mmap",
         include_hidden: bool | set[str] = False,
+        gpu_pipeline: bool | str = "auto",
+        readers: int = 4,
     ) -> None:
         super().__init__(path=str(path))
         self.index = index or CheckpointIndex.open(path)
@@ -70,6 +76,8 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
         self.chunk_bytes = int(chunk_bytes)
         self.io_backend = io_backend
         self.include_hidden = include_hidden
+        self.gpu_pipeline = gpu_pipeline
+        self.readers = readers
         self.bytes_read = 0
         self.peak_transient_bytes = 0
         self.tensors_read = 0
@@ -109,11 +117,26 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
         )
         with BoxReader(self.index.path, self.io_backend) as io:
             filler = BoxFiller(io, self.chunk_bytes)
+            pipe, chunks, done = None, [], []
             for item in items:
                 lt: LogicalTensor = self.storage_data[item.storage_index]
                 target = planner.resolve_tensor(item).detach()
-                filler.fill(lt, tuple(item.storage_offsets), tuple(item.lengths), target)
-                planner.commit_tensor(item, target)
+                start, length = tuple(item.storage_offsets), tuple(item.lengths)
+                if self.gpu_pipeline is True or (self.gpu_pipeline == "auto" and target.is_cuda):
+                    filler.check(lt, length, target)
+                    if pipe is None:
+                        pipe = GpuPipeline(io, target.device, chunk_bytes=min(self.chunk_bytes, DEFAULT_PIPELINE_CHUNK),
+                                           readers=self.readers)
+                    chunks += split_box(lt, start, length, target, pipe.max_elems(lt.stored.itemsize))
+                    done.append((item, target))
+                else:
+                    filler.fill(lt, start, length, target)
+                    planner.commit_tensor(item, target)
+            if pipe is not None:
+                pipe.run(chunks)
+                for item, target in done:
+                    planner.commit_tensor(item, target)
+                self.peak_transient_bytes = max(self.peak_transient_bytes, pipe.peak_transient_bytes)
             self.bytes_read += io.bytes_read
             self.tensors_read += filler.tensors
             self.quantized_read += filler.quantized

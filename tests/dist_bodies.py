@@ -48,12 +48,13 @@ def _nan_dtensor(shape, dtype, mesh, placements):
     return dt_full(tuple(shape), float("nan"), dtype=dtype, device_mesh=mesh, placements=placements)
 
 
-def tp_load(path: str, chunk_bytes: int = 1 << 16, io_backend: str = "mmap"):
+def tp_load(path: str, chunk_bytes: int = 1 << 16, io_backend: str = "mmap", gpu_pipeline=False):
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     ref = reference_state_dict(path)
     sd = {k: _nan_dtensor(v.shape, torch.float32 if v.dtype == torch.float32 else torch.bfloat16, mesh,
                           tp_placement(k, v.shape)) for k, v in ref.items()}
-    report = sa.load_fp8_state_dict(sd, path, chunk_bytes=chunk_bytes, io_backend=io_backend)
+    report = sa.load_fp8_state_dict(sd, path, chunk_bytes=chunk_bytes, io_backend=io_backend,
+                                    gpu_pipeline=gpu_pipeline, readers=3)
     checked = check_local_shards(sd, ref)
     # The full tensors agree too (a collective all-gather of every shard).
     for k in ("model.embed_tokens.weight", "lm_head.weight"):

@@ -38,6 +38,15 @@ def test_tp2_families(pool, checkpoints, family):
     assert all(r[0] > 0 for r in results)
 
 
+@pytest.mark.parametrize("backend", ["mmap", "pread"])
+def test_tp2_through_the_gpu_pipeline_logic(pool, checkpoints, backend):
+    """The GPU pipeline's thread/buffer-ring logic, run on CPU (streams and events are no-ops there): the
+    same bits as the direct path, with 3 reader threads and chunks much smaller than the tensors."""
+    for family, fmt in (("deepseek_v3", "fp8_block"), ("llama", "ct_group")):
+        results = pool.run(B.tp_load, str(checkpoints(family, fmt)), 1 << 16, backend, True)
+        assert all(r[0] > 0 for r in results)
+
+
 def test_tp2_reads_about_its_shard_only(pool, checkpoints):
     path = checkpoints("llama", "fp8_block")
     (c0, _, b0), (c1, _, b1) = pool.run(B.tp_load, str(path))
