@@ -230,3 +230,14 @@ def test_world_one_rerun_is_byte_identical_and_report_counts(checkpoints, tmp_pa
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
     assert a.steps > b.steps == 1
     assert re.search(r"written, \d+ steps", a.summary_line())
+
+
+@pytest.mark.parametrize("target,fmt", [("nvfp4", "compressed-tensors"), ("bf16", None)])
+def test_gpu_pipeline_logic_gives_the_same_bytes(checkpoints, tmp_path, target, fmt):
+    """The GPU conversion path (one overlapped pipeline run per step) run on CPU: same output bytes."""
+    src = checkpoints("deepseek_v3", "fp8_block")
+    convert_checkpoint(src, tmp_path / "a", target=target, format=fmt, progress=False)
+    convert_checkpoint(src, tmp_path / "b", target=target, format=fmt, progress=False, gpu_pipeline=True,
+                       chunk_bytes=1 << 16, readers=3)
+    for f in sorted(p.name for p in (tmp_path / "a").iterdir()):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f

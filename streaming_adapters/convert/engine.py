@@ -25,6 +25,7 @@ from ..checkpoint.index import CheckpointIndex
 from ..dist import all_gather_object, is_dist, raise_on_all_ranks, rank_and_world
 from ..errors import CheckpointError
 from ..fill import DEFAULT_CHUNK_BYTES, BoxFiller, iter_subboxes
+from ..pipeline import DEFAULT_PIPELINE_CHUNK, GpuPipeline, split_box
 from ..formats import get_adapter
 
 from ..report import MemoryMonitor, RankStats
@@ -49,6 +50,8 @@ def convert_checkpoint(
     restart: bool = False,
     device: str | torch.device = "cpu",
     sync_every_s: float = 30.0,
+    gpu_pipeline: bool | str = "auto",
+    readers: int = 4,
     progress: bool = True,
     verbose: bool = False,
 ) -> ConvertReport:
@@ -91,6 +94,9 @@ def convert_checkpoint(
 
     io = BoxReader(index.path, io_backend)
     filler = BoxFiller(io, chunk_bytes)
+    pipe = None
+    if gpu_pipeline is True or (gpu_pipeline == "auto" and dev.type == "cuda"):
+        pipe = GpuPipeline(io, dev, chunk_bytes=min(chunk_bytes, DEFAULT_PIPELINE_CHUNK), readers=readers)
     bar = _progress(plan, rank == 0 and progress)
     with MemoryMonitor(dev if dev.type == "cuda" else None) as mem:
         todo = [s for s in plan.steps if s.index not in done]
@@ -102,7 +108,7 @@ def convert_checkpoint(
             if i + 1 < len(todo):
                 # The disk reads the next step while this one is dequantized and quantized.
                 _prefetch(plan, todo[i + 1], rank, io)
-            _run_step(plan, step, rank, filler, staged, dev, process_group)
+            _run_step(plan, step, rank, filler, staged, dev, process_group, pipe)
             unsynced.append(step.index)
             if i + 1 == len(todo) or time.perf_counter() - last_sync >= sync_every_s:
                 staged.sync()
@@ -186,11 +192,13 @@ def _write_rows(staged: StagedOutput, plan: ConversionPlan, out, r0: int, data: 
 
 
 def _run_step(plan: ConversionPlan, step: Step, rank: int, filler: BoxFiller, staged: StagedOutput,
-              dev: torch.device, group) -> None:
+              dev: torch.device, group, pipe: GpuPipeline | None = None) -> None:
     units = step.nvfp4_units(plan)
     unit_of = {n: i for i, u in enumerate(units) for n in u}
     amax = torch.zeros(len(units), dtype=torch.float32, device=dev)
     held: list[tuple[Piece, torch.Tensor]] = []
+    bf16_out: list[tuple[Piece, torch.Tensor]] = []
+    chunks = []
     max_elems = max(1, filler.chunk_bytes // 2)
     for piece in step.pieces.get(rank, []):
         lt = plan.logical[piece.tensor]
@@ -200,7 +208,7 @@ def _run_step(plan: ConversionPlan, step: Step, rank: int, filler: BoxFiller, st
         if not lt.shape:  # 0-dim plain tensor
             staged.pwrite(*plan.location(outs[0])[:2], _bytes(filler.io.read(lt.stored)))
             continue
-        if outs[0].role in ("copy", "dequant"):
+        if outs[0].role == "copy" or (outs[0].role == "dequant" and pipe is None):
             # Streamed: chunk by chunk, never holding the piece.
             for s, n in iter_subboxes(start, length, max_elems):
                 if outs[0].role == "copy":
@@ -211,14 +219,22 @@ def _run_step(plan: ConversionPlan, step: Step, rank: int, filler: BoxFiller, st
                 _write_rows(staged, plan, outs[0], s[0], data)
             continue
         buf = torch.empty(length, dtype=torch.bfloat16, device=dev)
-        filler.fill(lt, start, length, buf)
+        if pipe is not None:  # GPU: the whole step's reads go through one overlapped pipeline run
+            filler.check(lt, length, buf)
+            chunks += split_box(lt, start, length, buf, pipe.max_elems(lt.stored.itemsize))
+        else:
+            filler.fill(lt, start, length, buf)
+        (held if outs[0].role != "dequant" else bf16_out).append((piece, buf))
+    if pipe is not None:
+        pipe.run(chunks)
+    for piece, buf in bf16_out:
+        _write_rows(staged, plan, plan.outputs[piece.tensor][0], piece.r0, buf)
+    for piece, buf in held:
         lo, hi = torch.aminmax(buf)
-        amax[unit_of[piece.tensor]] = torch.maximum(amax[unit_of[piece.tensor]],
-                                                    torch.maximum(-lo.float(), hi.float()))
-        held.append((piece, buf))
-    if units:
-        if is_dist(group):
-            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+        u = unit_of[piece.tensor]
+        amax[u] = torch.maximum(amax[u], torch.maximum(-lo.float(), hi.float()))
+    if units and is_dist(group):
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
     if held:
         from ..numerics import nvfp4
     for piece, buf in held:
