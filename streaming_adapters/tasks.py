@@ -112,7 +112,7 @@ def load_check(cfg, layout: Layout, pf: Preflight) -> dict[str, Any]:
     host0 = rss_anon_bytes()
     sd, boxes = build_state_dict(adapter.plan.logical, layout, rank, device, mesh=mesh)
     report = load_fp8_state_dict(sd, cfg.checkpoint.path, chunk_bytes=cfg.io.chunk_mb << 20,
-                                 io_backend=cfg.io.backend)
+                                 io_backend=cfg.io.backend, readers=cfg.io.readers)
     mismatches = verify_shards(sd, boxes, index, adapter) if cfg.verify else None
     peak_total = max(report.peak_host_bytes, rss_anon_bytes()) - host0
     out = report.to_dict()
@@ -167,7 +167,7 @@ def convert(cfg, pf: Preflight) -> dict[str, Any]:
         cfg.checkpoint.path, cfg.output.path, target=target, format=cfg.output.format,
         step_bytes=int(cfg.io.step_mb * (1 << 20)), chunk_bytes=cfg.io.chunk_mb << 20, io_backend=cfg.io.backend,
         ignore=list(cfg.output.ignore), overwrite=cfg.output.overwrite, restart=cfg.output.restart,
-        device=device, sync_every_s=cfg.io.sync_s, progress=cfg.report.progress,
+        device=device, sync_every_s=cfg.io.sync_s, readers=cfg.io.readers, progress=cfg.report.progress,
     )
     out = report.to_dict()
     out["planned"] = [vars(r) for r in pf.ranks]

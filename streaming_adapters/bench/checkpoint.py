@@ -57,7 +57,9 @@ def fabricate(path: str | Path, shape: str = "llama70b", layers: int = 2, *, blo
     path.mkdir(parents=True, exist_ok=True)
     config = bench_config(shape, layers, experts)
     layout = disk_layout(config)
-    g = torch.Generator().manual_seed(seed)
+    # Random bytes on the GPU when there is one: ~100x faster than the CPU generator for 8-20 GB.
+    gen_dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=gen_dev).manual_seed(seed)
     files: dict[str, list[str]] = {}
     for name in layout:
         i = name.split(".layers.")[1].split(".")[0] if ".layers." in name else ("first" if "embed" in name else "last")
@@ -70,13 +72,14 @@ def fabricate(path: str | Path, shape: str = "llama70b", layers: int = 2, *, blo
         for name in files[key]:
             shape_ = layout[name]
             if is_quantizable(name, shape_):
-                codes = torch.randint(0, 254, shape_, dtype=torch.uint8, generator=g)
+                codes = torch.randint(0, 254, shape_, dtype=torch.uint8, generator=g, device=gen_dev)
                 codes[codes == 0x7F] = 0x7E  # no NaN codes
-                tensors[name] = codes.view(torch.float8_e4m3fn)
+                tensors[name] = codes.cpu().view(torch.float8_e4m3fn)
                 grid = (math.ceil(shape_[0] / block), math.ceil(shape_[1] / block))
-                tensors[name[: -len(".weight")] + ".weight_scale_inv"] = torch.rand(grid, generator=g) * 1e-3 + 1e-5
+                tensors[name[: -len(".weight")] + ".weight_scale_inv"] = \
+                    (torch.rand(grid, generator=g, device=gen_dev) * 1e-3 + 1e-5).cpu()
             else:
-                tensors[name] = (torch.randn(shape_, generator=g) * 0.02).to(torch.bfloat16)
+                tensors[name] = (torch.randn(shape_, generator=g, device=gen_dev) * 0.02).to(torch.bfloat16).cpu()
         save_file(tensors, path / fname, metadata={"format": "pt"})
         weight_map.update({k: fname for k in tensors})
         del tensors

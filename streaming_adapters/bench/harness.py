@@ -74,13 +74,14 @@ class OutsideSampler:
         return self.peaks
 
 
-def run_one(peer: str, checkpoint: Path, nproc: int, device: str, workdir: Path, cold: bool) -> dict:
+def run_one(peer: str, checkpoint: Path, nproc: int, device: str, workdir: Path, cold: bool,
+            extra: list[str] | None = None) -> dict:
     out = workdir / f"{peer}.json"
     out.unlink(missing_ok=True)
     dropped = drop_page_cache() if cold else False
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "streaming_adapters.bench.peers", "--peer", peer, "--checkpoint", str(checkpoint),
-           "--device", device, "--workdir", str(workdir), "--out", str(out)]
+           "--device", device, "--workdir", str(workdir), "--out", str(out), *(extra or [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
@@ -154,7 +155,8 @@ def run_benchmark(cfg) -> dict:
     results = []
     for peer in b.peers:
         nproc = 1 if peer == "transformers_dequantize" else b.nproc
-        r = run_one(peer, ckpt, nproc, cfg.device, workdir, b.cold)
+        r = run_one(peer, ckpt, nproc, cfg.device, workdir, b.cold,
+                    ["--readers", str(cfg.io.readers), "--io-backend", cfg.io.backend])
         results.append(r)
         status = "FAILED" if "error" in r else f"{r['seconds']:.2f} s"
         print(f"  {peer:<24} {status}", flush=True)

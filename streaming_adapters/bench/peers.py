@@ -50,7 +50,7 @@ def _tp_state_dict(path: str, device: str):
     return index, adapter, sd, boxes
 
 
-def run_peer(peer: str, path: str, device: str, workdir: str) -> dict:
+def run_peer(peer: str, path: str, device: str, workdir: str, readers: int = 4, io_backend: str = "mmap") -> dict:
     rank = dist.get_rank() if dist.is_initialized() else 0
     dev = f"cuda:{torch.cuda.current_device()}" if device == "cuda" else "cpu"
     result: dict = {"peer": peer, "rank": rank}
@@ -63,27 +63,11 @@ def run_peer(peer: str, path: str, device: str, workdir: str) -> dict:
         base_gpu = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
     if peer == "raw_read":
-        from ..checkpoint.byteio import BoxReader
-
-        buf = torch.empty(256 << 20, dtype=torch.uint8)
-        nbytes = 0
-        # The limit: plain preads of the same boxes with the kernel's readahead left on.
-        with BoxReader(index.path, "pread", advise_random=False) as io:
-            for name, (start, length) in boxes.items():
-                info = adapter.plan.logical[name].stored
-                n = 1
-                for d in length:
-                    n *= d
-                n *= info.itemsize
-                if n > buf.numel():
-                    buf = torch.empty(n, dtype=torch.uint8)
-                io.read(info, start, length, out=buf)
-                nbytes += n
-        result["bytes"] = nbytes
+        result["bytes"] = _raw_read(index, adapter, boxes, readers)
     elif peer == "streaming_adapters":
         from .. import load_fp8_state_dict
 
-        rep = load_fp8_state_dict(sd, path)
+        rep = load_fp8_state_dict(sd, path, readers=readers, io_backend=io_backend)
         result["bytes"] = rep.bytes_read
         result["transient"] = rep.peak_transient_bytes
     elif peer == "torch_quantized_reader":
@@ -102,7 +86,7 @@ def run_peer(peer: str, path: str, device: str, workdir: str) -> dict:
         from ..convert import convert_checkpoint
 
         rep = convert_checkpoint(path, Path(workdir) / "nvfp4", target="nvfp4", format="compressed-tensors",
-                                 device=dev, overwrite=True, progress=False)
+                                 device=dev, overwrite=True, progress=False, readers=readers, io_backend=io_backend)
         result["bytes"] = rep.bytes_read
         result["bytes_written"] = rep.bytes_written
     elif peer == "read_write":
@@ -115,6 +99,31 @@ def run_peer(peer: str, path: str, device: str, workdir: str) -> dict:
         result["gpu_peak_bytes"] = torch.cuda.max_memory_allocated() - base_gpu
         result["gpu_total_peak_bytes"] = torch.cuda.max_memory_allocated()
     return result
+
+
+def _raw_read(index, adapter, boxes, readers: int) -> int:
+    """The limit: the same boxes this rank's load reads, pread by ``readers`` threads (the same number of
+    reads in flight as the GPU pipeline) into reused buffers, kernel readahead on, nothing else."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..checkpoint.byteio import BoxReader
+    from ..fill import iter_subboxes
+
+    jobs = []
+    for name, (start, length) in boxes.items():
+        info = adapter.plan.logical[name].stored
+        jobs += [(info, s, n) for s, n in iter_subboxes(start, length, (32 << 20) // info.itemsize)]
+    with BoxReader(index.path, "pread", advise_random=False) as io:
+        bufs = [torch.empty(32 << 20, dtype=torch.uint8) for _ in range(readers)]
+
+        def work(k: int) -> int:
+            total = 0
+            for info, s, n in jobs[k::readers]:
+                total += io.read(info, s, n, out=bufs[k]).nbytes
+            return total
+
+        with ThreadPoolExecutor(readers) as pool:
+            return sum(pool.map(work, range(readers)))
 
 
 def _read_write(path: str, out: Path, rank: int, world: int) -> int:
@@ -143,6 +152,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--workdir", default="/tmp/sa_bench")
     p.add_argument("--out", required=True)
+    p.add_argument("--readers", type=int, default=4)
+    p.add_argument("--io-backend", default="mmap", choices=["mmap", "pread"])
     a = p.parse_args()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if a.device == "cuda":
@@ -150,7 +161,7 @@ def main() -> None:
         dist.init_process_group("nccl" if a.device == "cuda" else "gloo")
     elif a.device == "cuda":
         torch.cuda.set_device(0)
-    res = run_peer(a.peer, a.checkpoint, a.device, a.workdir)
+    res = run_peer(a.peer, a.checkpoint, a.device, a.workdir, a.readers, a.io_backend)
     res["pid"] = os.getpid()
     gathered = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
