@@ -16,6 +16,7 @@ import argparse
 import difflib
 import os
 import sys
+from pathlib import Path
 from datetime import timedelta
 
 RECIPES_MODULE = "streaming_adapters.recipes"
@@ -32,15 +33,14 @@ def _register_schema() -> None:
 def compose(config_name: str, overrides: list[str], config_dir: str | None = None):
     """The validated config of a recipe plus overrides (raises ``SystemExit`` with the valid keys)."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir, initialize_config_module
+    from hydra import initialize_config_dir
     from hydra.errors import ConfigCompositionException, MissingConfigException
     from omegaconf.errors import ConfigKeyError, ValidationError
 
     from .config import schema_keys
 
     _register_schema()
-    ctx = initialize_config_dir(os.path.abspath(config_dir), version_base="1.3") if config_dir else \
-        initialize_config_module(RECIPES_MODULE, version_base="1.3")
+    ctx = initialize_config_dir(os.path.abspath(config_dir or recipes_dir()), version_base="1.3")
     try:
         with ctx:
             return hydra_compose(config_name=config_name, overrides=overrides)
@@ -55,10 +55,19 @@ def compose(config_name: str, overrides: list[str], config_dir: str | None = Non
         raise SystemExit(f"error: {msg}{hint}\nvalid keys:\n  " + "\n  ".join(keys)) from None
 
 
-def list_recipes() -> list[str]:
-    from importlib.resources import files
+def recipes_dir() -> str:
+    """The installed ``streaming_adapters.recipes`` package, or ``recipes/`` of a source checkout used
+    without installing (``PYTHONPATH=.``)."""
+    try:
+        from importlib.resources import files
 
-    return sorted(p.name[:-5] for p in files(RECIPES_MODULE).iterdir() if p.name.endswith(".yaml"))
+        return str(files(RECIPES_MODULE))
+    except ModuleNotFoundError:
+        return str(Path(__file__).resolve().parent.parent / "recipes")
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.name[:-5] for p in Path(recipes_dir()).iterdir() if p.name.endswith(".yaml"))
 
 
 def _init_distributed(device: str) -> tuple[int, int]:
