@@ -24,7 +24,7 @@ from .convert.verify import VerifyReport, verify_checkpoint
 from .reader import StreamingFP8StorageReader
 from .report import LoadReport
 
-from ._version import __version__
+from ._version import __version__  # noqa: F401  (streaming_adapters.__version__)
 
 __all__ = [
     "CheckpointError",

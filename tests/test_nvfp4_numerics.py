@@ -17,11 +17,6 @@
 
 from __future__ import annotations
 
-import ast
-import importlib.util
-import sys
-import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,10 +30,8 @@ ct = pytest.importorskip("compressed_tensors")
 from compressed_tensors.compressors.nvfp4 import NVFP4PackedCompressor  # noqa: E402
 from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8, unpack_fp4_from_uint8  # noqa: E402
 from compressed_tensors.entrypoints.convert.converters.modelopt_nvfp4 import ModelOptNvfp4Converter  # noqa: E402
-from compressed_tensors.quantization import initialize_module_for_quantization  # noqa: E402
 from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize  # noqa: E402
-from compressed_tensors.quantization.quant_scheme import preset_name_to_scheme  # noqa: E402
-from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam  # noqa: E402
+from compressed_tensors.quantization.utils import generate_gparam  # noqa: E402
 
 from producers import SCHEME, llmcompressor_compress, load_modelopt_nvfp4  # noqa: E402
 TIES = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0]

@@ -114,7 +114,7 @@ def test_fp8_to_nvfp4_recipe_with_verify(checkpoints, tmp_path, fmt):
 
 
 def test_benchmark_recipe_tiny(tmp_path):
-    p = entry(["--config-name", "benchmark", "benchmark.shape=tiny", "benchmark.layers=1",
+    entry(["--config-name", "benchmark", "benchmark.shape=tiny", "benchmark.layers=1",
                f"checkpoint.path={tmp_path / 'ckpt'}", f"benchmark.workdir={tmp_path / 'w'}",
                f"report.path={tmp_path / 'r' / 'report.json'}", "benchmark.cold=false",
                "benchmark.peers=[raw_read,streaming_adapters,torch_quantized_reader]"], timeout=600)

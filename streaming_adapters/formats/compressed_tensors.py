@@ -70,7 +70,7 @@ class CompressedTensorsFP8Adapter(StreamingFP8StateDictAdapter):
                 fix="re-export the checkpoint symmetric",
             )
         n_lead = len(weight.shape) - 2
-        n, k = weight.shape[-2], weight.shape[-1]
+        k = weight.shape[-1]
         strategy = w.get("strategy", "tensor")
         if strategy == "tensor":
             return tuple(weight.shape)
