@@ -33,7 +33,7 @@ def test_2d_mesh_unaligned_shards(pool, checkpoints, fmt):
 
 
 def test_uneven_vocab_and_tp4(pool, checkpoints):
-    # vocab 1001 over 4 ranks: 251, 250, 250, 250 rows; kv heads 64 rows over 4 ranks.
+    # vocab 1001 over 4 ranks: 251, 251, 251, 248 rows (ceil chunks); kv heads 64 rows over 4 ranks.
     results = pool.run(B.tp_load, str(checkpoints("llama", "fp8_block")))
     assert all(r[0] > 0 for r in results)
 

@@ -75,8 +75,10 @@ def moe_w1_w2_w3() -> KeyMapper:
 
 @register_key_mapper("mistral3", "pixtral", "llava")
 def mistral3_vlm() -> KeyMapper:
-    return Chain([Tied(source="model.language_model.embed_tokens.weight", renames=VLM_RENAMES)],
-                 renames=VLM_RENAMES)
+    """A VLM checkpoint (either layout) for the VLM class or for its text model alone (``model.layers.*``,
+    e.g. ``Ministral3ForCausalLM``: the tower and projector are then unexpected, see ``strict``)."""
+    renames = Renames([*VLM_RENAMES.rules, *TEXT_FROM_VLM.rules])
+    return Chain([Tied(source="model.language_model.embed_tokens.weight", renames=renames)], renames=renames)
 
 
 @register_key_mapper("torchtitan_llama")

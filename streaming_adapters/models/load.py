@@ -167,9 +167,14 @@ def load_fp8_checkpoint(
     except CheckpointError as e:
         error = e
     raise_on_all_ranks(error, process_group)
-    all_used = set().union(*all_gather_object(plan.used, process_group))
-    unexpected = sorted(set(adapter.plan.logical) - all_used)
-    raise_on_all_ranks(_mapping_error(plan, unexpected, strict, str(index.path)), process_group)
+    # One collective: every rank learns every rank's findings and raises the same error (or none).
+    gathered = all_gather_object((plan.used, plan.problems, plan.details), process_group)
+    unexpected = sorted(set(adapter.plan.logical) - set().union(*(g[0] for g in gathered)))
+    problems = list(dict.fromkeys(p for g in gathered for p in g[1]))
+    details = list(dict.fromkeys(d for g in gathered for d in g[2]))
+    error = _mapping_error(problems, details, unexpected, strict, str(index.path))
+    if error is not None:
+        raise error
     device = plan.requests[0].view.device if plan.requests else None
     with MemoryMonitor(device) as mem:
         n_steps = _load_groups(plan.requests, reader, process_group)
@@ -192,8 +197,9 @@ def load_fp8_checkpoint(
     return report
 
 
-def _mapping_error(plan: Plan, unexpected: list[str], strict: bool, path: str) -> DestinationError | None:
-    hard = plan.problems + (plan.details if strict else [])
+def _mapping_error(problems: list[str], details: list[str], unexpected: list[str], strict: bool,
+                   path: str) -> DestinationError | None:
+    hard = problems + (details if strict else [])
     tensor = hard[0].split(": ", 1)[-1].split(" ")[0] if hard else None  # "kind: <model key> ..."
     if strict and unexpected:
         hard.append(f"unexpected: {len(unexpected)} checkpoint tensor(s) no rank loads (examples={unexpected[:3]})")
