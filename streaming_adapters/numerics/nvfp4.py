@@ -155,6 +155,11 @@ def quantize_ct(w: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tens
     ``global_scale`` is :func:`ct_global_scale` of the fused group's amax; rows are independent, so any
     row range of a tensor can be quantized alone with the group's scale.
     """
+    if w.is_cuda:  # the fused Triton kernel (numerics/triton_nvfp4.py), same bytes; None: it cannot run
+        from .triton_nvfp4 import quantize_ct_triton
+
+        if (r := quantize_ct_triton(w, global_scale)) is not None:
+            return r
     gs = global_scale.reshape(1).to(device=w.device, dtype=torch.float32)
     six = torch.tensor(E2M1_MAX, device=w.device)  # a device tensor: a Python 6.0 is a reciprocal on CUDA
 
@@ -180,6 +185,11 @@ def quantize_modelopt(w: torch.Tensor, scale_2: torch.Tensor) -> tuple[torch.Ten
 
     ``scale_2`` is :func:`modelopt_scale_2` of the fused group's amax.
     """
+    if w.is_cuda:
+        from .triton_nvfp4 import quantize_modelopt_triton
+
+        if (r := quantize_modelopt_triton(w, scale_2)) is not None:
+            return r
     w2 = scale_2.reshape(()).to(device=w.device, dtype=torch.float32)
     six_w2 = w2 * E2M1_MAX  # fl(6 * w2) first, as get_weights_scaling_factor does
 
