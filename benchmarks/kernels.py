@@ -96,7 +96,7 @@ def run_case(case, l2_bytes, tile=None, with_torch=True):
     inp = Inputs(shape, start, block, dtype, pad, l2_bytes)
     out, codes, scale = inp.sets[0]
     ref = torch.empty(shape, dtype=dtype, device=DEV)
-    dequantize_into(ref, codes, scale, start, block, inp.lo)
+    dequantize_into(ref, codes, scale, start, block, inp.lo, method="multiply")  # the torch path, not Triton
     out.fill_(-1234.5)
     assert dequantize_into_triton(out, codes, scale, start, block, inp.lo, tile=tile), f"{name}: declined"
     correct = _same_bits(out, ref)
@@ -107,7 +107,7 @@ def run_case(case, l2_bytes, tile=None, with_torch=True):
 
     def torch_fn():
         o, c, s = inp.next()
-        dequantize_into(o, c, s, start, block, inp.lo)
+        dequantize_into(o, c, s, start, block, inp.lo, method="multiply")
 
     t_triton = _bench(triton_fn)
     t_torch = _bench(torch_fn) if with_torch else float("nan")

@@ -148,14 +148,16 @@ def modelopt_scale_2(amax: torch.Tensor, *, producer_device: str = "cuda") -> to
 # --------------------------------------------------------------------------------------------------
 
 
-def quantize_ct(w: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_ct(w: torch.Tensor, global_scale: torch.Tensor, *, use_triton: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """BF16 rows ``[..., K]`` -> (``weight_packed`` uint8 ``[..., K/2]``, ``weight_scale`` E4M3 ``[..., K/16]``)
     exactly as llm-compressor 0.14 / compressed-tensors write ``nvfp4-pack-quantized``.
 
     ``global_scale`` is :func:`ct_global_scale` of the fused group's amax; rows are independent, so any
-    row range of a tensor can be quantized alone with the group's scale.
+    row range of a tensor can be quantized alone with the group's scale.  ``use_triton=False`` keeps a CUDA
+    tensor on the torch path (the reference the kernel is checked and timed against).
     """
-    if w.is_cuda:  # the fused Triton kernel (numerics/triton_nvfp4.py), same bytes; None: it cannot run
+    if w.is_cuda and use_triton:  # the fused Triton kernel (numerics/triton_nvfp4.py), same bytes; None: it cannot run
         from .triton_nvfp4 import quantize_ct_triton
 
         if (r := quantize_ct_triton(w, global_scale)) is not None:
@@ -179,13 +181,14 @@ def dequantize_ct(
     return _decode(packed, block_scale, lambda s: s / gs, negative_zero=True, dtype=dtype)
 
 
-def quantize_modelopt(w: torch.Tensor, scale_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_modelopt(w: torch.Tensor, scale_2: torch.Tensor, *, use_triton: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """BF16 rows ``[..., K]`` -> (``weight`` uint8 ``[..., K/2]``, ``weight_scale`` E4M3 ``[..., K/16]``)
     exactly as ModelOpt 0.47's unified HF export writes ``W4A16_NVFP4`` / ``NVFP4`` weights.
 
-    ``scale_2`` is :func:`modelopt_scale_2` of the fused group's amax.
+    ``scale_2`` is :func:`modelopt_scale_2` of the fused group's amax; ``use_triton`` as in :func:`quantize_ct`.
     """
-    if w.is_cuda:
+    if w.is_cuda and use_triton:
         from .triton_nvfp4 import quantize_modelopt_triton
 
         if (r := quantize_modelopt_triton(w, scale_2)) is not None:

@@ -2,6 +2,7 @@
 # /tmp/site, the package used from the source tree, machine facts printed once.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+rm -rf /tmp/site  # a warm machine keeps the last call's packages
 if [[ -d .whl ]] && ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi

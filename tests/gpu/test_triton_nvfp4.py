@@ -33,7 +33,8 @@ PATH_IDS = ["native-fast", "native-div_rn", "soft-fast", "soft-div_rn"]
 
 
 def _ref(producer, w, g):
-    return nv.quantize_ct(w, g) if producer == CT else nv.quantize_modelopt(w, g)
+    # use_triton=False: on a CUDA tensor the torch path, not the kernel under test.
+    return nv.quantize_ct(w, g, use_triton=False) if producer == CT else nv.quantize_modelopt(w, g, use_triton=False)
 
 
 def _global(producer, w):
