@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 from ..checkpoint.index import CheckpointIndex
-from ..dist import all_gather_object, is_dist, raise_on_all_ranks, rank_and_world
+from ..dist import all_gather_object, max_over_ranks, raise_on_all_ranks, rank_and_world
 from ..errors import CheckpointError, DestinationError
 from ..fill import DEFAULT_CHUNK_BYTES
 from ..formats import get_adapter
@@ -221,11 +221,7 @@ def _load_groups(requests: list[Request], reader, process_group) -> int:
     for r in requests:
         groups.setdefault(_group_of(r.model_key), []).append(r)
     order = sorted(groups)
-    n_steps = len(order)
-    if is_dist(process_group):
-        t = torch.tensor([n_steps], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=process_group)
-        n_steps = int(t.item())
+    n_steps = max_over_ranks(len(order), process_group)
     for step in range(n_steps):
         reqs = groups[order[step]] if step < len(order) else []
         dcp_load({}, reader, PartsLoadPlanner(reqs), process_group)

@@ -11,11 +11,16 @@
 # target (SITE, default /tmp/site-nemo), first on PYTHONPATH for this run only, so the other GPU scripts keep
 # the machine's transformers 5.17.  SA_DRY=1 (or no GPU): the same run on CPU, gloo, CPU shim.
 source tests/gpu/setup.sh
-SITE=${SITE:-/tmp/site-nemo}
+SITE=${SITE:-/tmp/site-nemo}; rm -rf "$SITE"  # a warm machine keeps the last call's packages
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/nemo/*.whl
 export PYTHONPATH=$SITE:$PYTHONPATH
 python3 -c "import transformers, nemo_automodel, torch; print('nemo_automodel', nemo_automodel.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
-NPROC=2; if [[ ${SA_DRY:-0} == 1 ]]; then export CUDA_VISIBLE_DEVICES=; fi
-torchrun --nproc-per-node $NPROC tests/nemo/gpu_x2.py 2>&1 | grep -v "^W11\|UserWarning\|warnings.warn\|Failed to load\|Enum subclass" \
-    | grep -E "^\||^NeMo x2|Error|error|Traceback" | head -60
-exit "${PIPESTATUS[0]}"
+if [[ ${SA_DRY:-0} == 1 ]]; then export CUDA_VISIBLE_DEVICES=; fi
+LOG=/tmp/nemo_x2_full.log; [[ -d /tmp/results ]] && LOG=/tmp/results/nemo_x2_full.log  # in run_x2.sh's tarball
+set +e
+# A rank that fails inside a collective would leave the other waiting: bound the whole run (device time).
+timeout 600 torchrun --nproc-per-node 2 tests/nemo/gpu_x2.py > "$LOG" 2>&1
+rc=$?
+grep -E "^\||^NeMo x2" "$LOG"
+[[ $rc == 0 ]] || { echo "exit $rc; last errors ($LOG):"; grep -E "Error|error:|Traceback" "$LOG" | tail -20; }
+exit $rc

@@ -1,0 +1,255 @@
+"""``PartsLoad``: plan every part before any I/O (every rank, errors raised on all ranks), then hand NeMo one
+``CheckpointLoadPart`` at a time.
+
+1. **Destinations in checkpoint names.**  Without a NeMo adapter the model's names are Hugging Face names.
+   With one (NeMo's MoE families: grouped experts ``[E, H, 2I]``), its ``convert_single_tensor_to_hf(...,
+   for_checkpoint_load=True)`` gives per-expert *views* of the model's storage in checkpoint layout; a copy
+   instead of a view would never reach the model, so it is an error.
+2. **Requests.**  The family's key mapper and :func:`~streaming_adapters.models.plan.plan_requests` turn each
+   destination into boxes of checkpoint tensors -> views of the local shard (missing / shape / dtype
+   problems are errors on every rank; checkpoint tensors no rank uses are logged).
+3. **Parts.**  One per decoder layer, plus one for the rest.  A part whose FP8 temporaries exceed
+   ``max_part_bytes`` is split.  Ranks agree on the number of parts (all-reduce MAX) and a rank with fewer
+   splits its largest parts: pipeline stages holding 2 and 3 layers issue the same number of
+   ``dcp.load`` collectives (a stage with fewer model tensors than parts is an error, not a hang).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from ...checkpoint.index import CheckpointIndex
+from ...dist import all_gather_object, is_dist, raise_on_all_ranks
+from ...errors import DestinationError
+from ...fill import DEFAULT_CHUNK_BYTES, BoxFiller
+from ...formats import get_adapter
+from ...models import get_key_mapper
+from ...models.plan import plan_requests
+from .parts import (
+    REST,
+    BoxDestination,
+    PartPlan,
+    TemporaryBoxes,
+    clusters,
+    group_of,
+    split_to,
+)
+
+logger = logging.getLogger("streaming_adapters.nemo")
+
+# 4 GiB of FP8 codes per part and rank: a DeepSeek-V3 layer (~11.5 GB of FP8 experts) is one part from EP4
+# up; larger slices are split by tensor.  Host memory, released by the part's finish.
+DEFAULT_MAX_PART_BYTES = 4 << 30
+GiB = float(1 << 30)
+
+
+@dataclass
+class PartsLoadStats:
+    """This rank's numbers for one load (``adapter.last_load``); ``ranks`` holds every rank's."""
+
+    rank: int = 0
+    parts: int = 0
+    tensors: int = 0
+    quantized: int = 0
+    bytes_read: int = 0
+    peak_temporary_bytes: int = 0
+    seconds: float = 0.0
+    ranks: list | None = None
+
+    def summary_line(self) -> str:
+        rs = self.ranks or [asdict(self)]
+        gb = sum(r["bytes_read"] for r in rs) / GiB
+        peak = max(r["peak_temporary_bytes"] for r in rs) / (1 << 20)
+        secs = max(r["seconds"] for r in rs)
+        return (f"streaming_adapters: FP8 checkpoint loaded through NeMo in {self.parts} parts on {len(rs)} rank(s): "
+                f"{sum(r['tensors'] for r in rs)} boxes ({sum(r['quantized'] for r in rs)} FP8), {gb:.3f} GB read "
+                f"in {secs:.2f} s ({gb / max(secs, 1e-9):.2f} GB/s), largest temporary {peak:.1f} MiB per rank")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _aliases(dest: torch.Tensor, source: torch.Tensor) -> bool:
+    a, b = _local(dest), _local(source)
+    if a.numel() == 0:
+        return True
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def checkpoint_destinations(model_state_dict: dict, inner, device_mesh,
+                            path: str = "") -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """Native key -> ``[(checkpoint-layout key, destination)]``; destinations alias model storage."""
+    out: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for key, value in model_state_dict.items():
+        if not isinstance(value, torch.Tensor) or key.endswith("_extra_state"):
+            out[key] = []
+            continue
+        if inner is None:
+            out[key] = [(key, value)]
+            continue
+        items = inner.convert_single_tensor_to_hf(key, value, quantization=False, for_checkpoint_load=True,
+                                                  device_mesh=device_mesh, exclude_key_regex=r".*_extra_state.*")
+        for hf_key, dest in items:
+            if dest is not value and not _aliases(dest, value):
+                raise DestinationError(
+                    f"NeMo's {type(inner).__name__} returned a copy, not a view of the model's storage, for {hf_key}",
+                    file=path, tensor=hf_key, expected=f"checkpoint-layout views of {key}",
+                    fix="this parallel layout of the model's grouped experts is not supported by the streaming loader "
+                    "(report it with the distributed: section); disable it to keep NeMo's own loader")
+        out[key] = list(items)
+    return out
+
+
+class PartsLoad:
+    """One base-checkpoint load into one model (stage) on this rank.  Construct on every rank (collective)."""
+
+    def __init__(self, path: str | Path, model_state_dict: dict, *, inner=None, device_mesh=None,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_part_bytes: int = DEFAULT_MAX_PART_BYTES) -> None:
+        self.t0 = time.perf_counter()
+        self.chunk_bytes = chunk_bytes
+        self.stats = PartsLoadStats(rank=dist.get_rank() if is_dist() else 0)
+        error: BaseException | None = None
+        parts: list[PartPlan] = []
+        used: set[str] = set()
+        try:
+            self.index = CheckpointIndex.open(path)
+            self.logical = get_adapter(path, index=self.index).plan.logical
+            mapper = get_key_mapper(self.index.config)
+            dests = checkpoint_destinations(model_state_dict, inner, device_mesh, str(self.index.path))
+            parts, used, problems = self._plan(dests, mapper)
+            if problems:
+                raise DestinationError(
+                    f"{len(problems)} problem(s) mapping the model to the checkpoint (examples={problems[:3]})",
+                    file=str(self.index.path), tensor=problems[0].split(": ", 1)[-1].split(" ")[0],
+                    expected="every model tensor filled exactly once from tensors the checkpoint has",
+                    fix="check that the checkpoint matches the model (config.json model_type) and its key mapper "
+                    "(streaming_adapters.models.register_key_mapper)")
+            parts = [q for p in parts for q in self._bounded(p, max_part_bytes)]
+        except Exception as e:  # noqa: BLE001 -- every rank raises (gathered), none waits in a collective
+            error = e
+        raise_on_all_ranks(error)
+        unexpected = sorted(set(self.logical) - set().union(*all_gather_object(used)))
+        if unexpected and self.stats.rank == 0:
+            logger.warning("streaming_adapters: %d checkpoint tensor(s) are not used by the model (examples=%s)",
+                           len(unexpected), unexpected[:5])
+        self.parts = self._agree(parts)
+
+    # -- planning -------------------------------------------------------------------------------------
+    def _plan(self, dests, mapper) -> tuple[list[PartPlan], set[str], list[str]]:
+        groups: dict[tuple[str, int], PartPlan] = {}
+        used: set[str] = set()
+        problems: list[str] = []
+        for key, items in dests.items():
+            part = groups.setdefault(group_of(key), PartPlan([]))
+            part.model_keys.append(key)
+            part.sources[key] = set()
+            for hf_key, dest in items:
+                plan = plan_requests({hf_key: dest}, mapper, self.logical)
+                problems += plan.problems + plan.details
+                part.requests += [_as_model_key(r, key) for r in plan.requests]
+                part.sources[key] |= plan.used
+                used |= plan.used
+        order = sorted(groups, key=lambda g: (g == REST, g))
+        return [groups[g] for g in order], used, problems
+
+    def _bounded(self, part: PartPlan, budget: int) -> list[PartPlan]:
+        if part.temporary_bytes(self.logical) <= budget or len(clusters(part)) < 2:
+            return [part]
+        a, b = split_to([part], 2)
+        return self._bounded(a, budget) + self._bounded(b, budget)
+
+    def _agree(self, parts: list[PartPlan]) -> list[PartPlan]:
+        n = max(all_gather_object(len(parts)))  # an object collective: gloo and NCCL alike
+        error = None
+        try:
+            parts = split_to(parts, n)
+        except ValueError as e:
+            error = DestinationError(
+                f"pipeline stages need {n} load parts each, this rank can make only {len(parts)}: {e}",
+                file=str(self.index.path), tensor=None, expected="stages with comparable numbers of tensors",
+                fix="balance the pipeline stages (pipeline.layers_per_stage), or raise max_part_bytes so that "
+                "no stage splits its layers into more parts (streaming_adapters.integrations.nemo.configure)")
+        raise_on_all_ranks(error)
+        return parts
+
+    # -- parts ----------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator:
+        from nemo_automodel.components.checkpoint.state_dict_adapter import (
+            CheckpointLoadPart,
+        )
+
+        self.stats.parts = len(self.parts)
+        for i, plan in enumerate(self.parts):
+            tensors, temporary, finish = self._materialize(plan, last=i == len(self.parts) - 1)
+            yield CheckpointLoadPart(checkpoint_tensors=tensors, model_keys=frozenset(plan.model_keys),
+                                     temporary_checkpoint_keys=frozenset(temporary), finish=finish)
+
+    def _materialize(self, plan: PartPlan, last: bool):
+        """DCP destinations of one part (temporaries allocated now) and its finish callback."""
+        src = TemporaryBoxes(self.index.path)
+        boxes: dict[str, dict[tuple, torch.Tensor]] = {k: {} for k in plan.ckpt_keys}
+        fills, copies = [], []
+        for r in plan.requests:
+            lt = self.logical[r.ckpt_key]
+            mine = boxes.setdefault(r.ckpt_key, {})
+            box = (r.start, r.length)
+            if lt.quantized:
+                if box not in mine:
+                    mine[box] = torch.empty(r.length, dtype=lt.stored.torch_dtype)
+                    src.boxes.setdefault(r.ckpt_key, []).append((r.start, mine[box]))
+                fills.append((lt, r.start, r.length, r.view))
+            elif box not in mine:
+                mine[box] = r.view  # NeMo's reader writes straight into the model's shard
+            else:
+                copies.append((r.view, mine[box]))
+        tensors: dict[str, torch.Tensor] = {}
+        temporary: set[str] = set()
+        temp_bytes = 0
+        for key, mine in boxes.items():
+            lt = self.logical[key]
+            tensors[key] = BoxDestination(lt.stored.shape, lt.stored.torch_dtype,
+                                          [(s, n, t) for (s, n), t in mine.items()])
+            if lt.quantized and mine:
+                scale = self.index[lt.scale.tensor.name]
+                src.grids[scale.name] = tensors[scale.name] = torch.empty(scale.shape, dtype=scale.torch_dtype)
+                temporary |= {key, scale.name}
+                temp_bytes += sum(t.nbytes for t in mine.values()) + scale.nbytes
+            self.stats.bytes_read += sum(math.prod(n) * lt.stored.itemsize for (_, n) in mine)
+        self.stats.tensors += len(plan.requests)
+
+        def finish() -> None:
+            filler = BoxFiller(src, self.chunk_bytes)
+            for lt, start, length, view in fills:
+                filler.fill(lt, start, length, view)
+            for view, primary in copies:
+                view.copy_(primary)
+            self.stats.quantized += filler.quantized
+            self.stats.peak_temporary_bytes = max(self.stats.peak_temporary_bytes,
+                                                  temp_bytes + filler.peak_transient_bytes)
+            fills.clear(), copies.clear(), boxes.clear(), tensors.clear()
+            src.boxes.clear(), src.grids.clear()
+            if last:
+                self._report()
+
+        return tensors, temporary, finish
+
+    def _report(self) -> None:
+        self.stats.seconds = time.perf_counter() - self.t0
+        self.stats.ranks = [asdict(s) | {"ranks": None} for s in all_gather_object(self.stats)]
+        if self.stats.rank == 0:
+            logger.info(self.stats.summary_line())
+
+
+def _as_model_key(request, model_key: str):
+    request.model_key = model_key
+    return request
