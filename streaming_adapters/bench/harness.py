@@ -99,6 +99,8 @@ def run_one(peer: str, checkpoint: Path, nproc: int, device: str, workdir: Path,
         "process_seconds": wall,
         "bytes": sum(r.get("bytes", 0) for r in ranks),
         "host_peak_bytes": max((peaks.get(pid, 0) for pid in worker), default=0),
+        # What the peer added on top of its process baseline (outside peak - inside baseline), per rank.
+        "host_added_bytes": max((peaks.get(pid, 0) - r.get("rss_baseline", 0) for pid, r in worker.items()), default=0),
         "gpu_peak_bytes": max((r.get("gpu_total_peak_bytes", 0) for r in ranks), default=0) or None,
         "shard_bytes": max((r.get("shard_bytes", 0) for r in ranks), default=0) or None,
         "model_bytes": ranks[0].get("model_bytes"),
@@ -110,17 +112,20 @@ def table(results: list[dict], ckpt_bytes: int, meta: dict) -> str:
     raw = next((r for r in results if r["peer"] == "raw_read" and "error" not in r), None)
     lines = [f"checkpoint {ckpt_bytes / 1e9:.2f} GB ({meta['shape']}, {meta['layers']} layers), device {meta['device']}, "
              f"{meta['machine']}, {meta['date']}",
-             "| peer | ranks | cache | wall s | GB/s (checkpoint) | x raw read | host peak/rank | GPU peak/rank |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| peer | ranks | cache | wall s | GB/s (checkpoint) | x raw read | host peak/rank | host added/rank "
+             "| BF16 shard/rank | GPU peak/rank |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['peer']} | {r['nproc']} | - | failed: {r['error'].splitlines()[-1][:60] if r['error'] else '?'} | | | | |")
+            lines.append(f"| {r['peer']} | {r['nproc']} | - | failed: {r['error'].splitlines()[-1][:60] if r['error'] else '?'} | | | | | | |")
             continue
         gbps = ckpt_bytes / r["seconds"] / 1e9
         ratio = r["seconds"] / raw["seconds"] if raw else float("nan")
         gpu = f"{r['gpu_peak_bytes'] / GiB:.2f} GiB" if r.get("gpu_peak_bytes") else "-"
+        shard = f"{r['shard_bytes'] / GiB:.2f} GiB" if r.get("shard_bytes") else "-"
         lines.append(f"| {r['peer']} | {r['nproc']} | {'cold' if r['cold'] else 'warm'} | {r['seconds']:.2f} | "
-                     f"{gbps:.2f} | {ratio:.2f} | {r['host_peak_bytes'] / GiB:.2f} GiB | {gpu} |")
+                     f"{gbps:.2f} | {ratio:.2f} | {r['host_peak_bytes'] / GiB:.2f} GiB | "
+                     f"{r['host_added_bytes'] / GiB:.2f} GiB | {shard} | {gpu} |")
     return "\n".join(lines)
 
 

@@ -53,7 +53,10 @@ def _tp_state_dict(path: str, device: str):
 def run_peer(peer: str, path: str, device: str, workdir: str, readers: int = 4, io_backend: str = "mmap") -> dict:
     rank = dist.get_rank() if dist.is_initialized() else 0
     dev = f"cuda:{torch.cuda.current_device()}" if device == "cuda" else "cpu"
-    result: dict = {"peer": peer, "rank": rank}
+    from ..report import rss_anon_bytes
+
+    # The process baseline (interpreter, torch, CUDA context, process group) before anything of the peer's.
+    result: dict = {"peer": peer, "rank": rank, "rss_baseline": rss_anon_bytes()}
     if peer in ("raw_read", "streaming_adapters", "torch_quantized_reader"):
         index, adapter, sd, boxes = _tp_state_dict(path, dev)
         result["shard_bytes"] = sum(v.to_local().nbytes for v in sd.values())
