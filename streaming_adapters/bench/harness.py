@@ -82,7 +82,10 @@ def run_one(peer: str, checkpoint: Path, nproc: int, device: str, workdir: Path,
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "streaming_adapters.bench.peers", "--peer", peer, "--checkpoint", str(checkpoint),
            "--device", device, "--workdir", str(workdir), "--out", str(out), *(extra or [])]
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // nproc))}
+    # CPUs this process may use (a cgroup / affinity limit, e.g. 4 of the GPU host's 32): torch's intra-op
+    # threads sized on os.cpu_count() would oversubscribe them 8x.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cpus // nproc))}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     sampler = OutsideSampler(proc.pid)
@@ -171,7 +174,8 @@ def run_benchmark(cfg) -> dict:
     import platform
 
     meta = {"shape": b.shape, "layers": b.layers, "device": cfg.device, "nproc": b.nproc,
-            "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {psutil.virtual_memory().total / GiB:.0f} GiB)",
+            "machine": f"{platform.node()} ({len(os.sched_getaffinity(0))} of {os.cpu_count()} CPUs usable, "
+                       f"{psutil.virtual_memory().total / GiB:.0f} GiB)",
             "date": datetime.date.today().isoformat(), "checkpoint_bytes": ckpt_bytes,
             "command": " ".join(sys.argv)}
     if cfg.device == "cuda":

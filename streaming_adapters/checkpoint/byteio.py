@@ -87,6 +87,15 @@ class BoxReader:
             return self._read_mmap(info, start, length)
         return self._read_pread(info, start, length, nbytes, out)
 
+    def read_into(self, info: TensorInfo, start: tuple[int, ...], length: tuple[int, ...], out: torch.Tensor) -> None:
+        """``pread`` a box into ``out`` (a contiguous uint8 buffer, e.g. pinned) whatever the backend: a
+        reader thread then issues plain syscalls (GIL released, one thread, the kernel's readahead as the
+        backend sets it) instead of faulting pages of a mapping in through a copy."""
+        nbytes = math.prod(length) * info.itemsize
+        with self._lock:
+            self.bytes_read += nbytes
+        self._read_pread(info, tuple(start), tuple(length), nbytes, out)
+
     def prefetch(self, info: TensorInfo, start: tuple[int, ...], length: tuple[int, ...]) -> None:
         """Ask the kernel to start reading a box now (``MADV_WILLNEED`` / ``POSIX_FADV_WILLNEED``), so the
         disk works while the CPU or GPU is busy with the previous box.  Only the box's span is named:
