@@ -83,12 +83,14 @@ def load_fp8_state_dict(
         error = e
     raise_on_all_ranks(error, process_group)
     assert reader is not None
+    t_plan = time.perf_counter() - t0
     request = {k: v for k, v in state_dict.items() if k not in set(missing)}
     device = _device_of(request)
     # -- 2. load ----------------------------------------------------------------------------------
     with MemoryMonitor(device) as mem:
         dcp_load(request, reader, DefaultLoadPlanner(allow_partial_load=not strict), process_group)
     seconds = time.perf_counter() - t0
+    reader.timings.update(plan_s=t_plan, load_s=seconds - t_plan)
     # -- 3. report --------------------------------------------------------------------------------
     mine = RankStats(
         rank=rank, tensors=reader.tensors_read, quantized=reader.quantized_read,
@@ -97,6 +99,7 @@ def load_fp8_state_dict(
         peak_host_bytes=mem.peak_host, host_bytes_at_start=mem.start_host,
         peak_gpu_bytes=mem.peak_gpu if device is not None and device.type == "cuda" else None,
         gpu_bytes_at_start=mem.start_gpu if device is not None and device.type == "cuda" else None,
+        timings=dict(reader.timings),
     )
     report = LoadReport(
         checkpoint=str(index.path), adapter=adapter.name, world_size=world, rank=rank,

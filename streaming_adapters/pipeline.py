@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import queue
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -69,6 +70,15 @@ class GpuPipeline:
         self.readers = readers
         self.peak_transient_bytes = 0
         self.chunks = 0
+        # Where the time goes (seconds): summed over reader threads / spent by the issuing thread.
+        self.read_s = 0.0          # reader threads inside reads
+        self.wait_read_s = 0.0     # issuing thread waiting for a read (the disk is the bottleneck)
+        self.wait_copy_s = 0.0     # issuing thread waiting for a host buffer's H2D copy to finish
+        self.issue_s = 0.0         # issuing thread enqueuing copies and kernels
+
+    def timings(self) -> dict[str, float]:
+        return {"read_s": self.read_s, "wait_read_s": self.wait_read_s, "wait_copy_s": self.wait_copy_s,
+                "issue_s": self.issue_s, "chunks": self.chunks}
 
     def max_elems(self, itemsize: int) -> int:
         return max(1, self.chunk_bytes // itemsize)
@@ -106,7 +116,9 @@ class GpuPipeline:
             if c is None:
                 return False
             slot = free.get()
+            t = time.perf_counter()
             copied[slot].synchronize()  # its last H2D copy has finished reading the pinned buffer
+            self.wait_copy_s += time.perf_counter() - t
             pending.append((c, slot, pool.submit(self._read, c, host[slot], hscale[slot])))
             return True
 
@@ -116,7 +128,10 @@ class GpuPipeline:
                     break
             while pending:
                 c, slot, fut = pending.pop(0)
+                t = time.perf_counter()
                 window = fut.result()  # re-raises a read error here, on the calling thread
+                t1 = time.perf_counter()
+                self.wait_read_s += t1 - t
                 n, ns = c.nbytes, _scale_elems(c)
                 with torch.cuda.stream(copy_stream) if cuda else contextlib.nullcontext():
                     copy_stream.wait_event(consumed[slot])  # the kernel that read devbuf[slot] is done
@@ -127,6 +142,7 @@ class GpuPipeline:
                 compute.wait_event(copied[slot])
                 self._compute(c, devbuf[slot][:n], dscale[slot][:ns], window)
                 consumed[slot].record(compute)
+                self.issue_s += time.perf_counter() - t1
                 self.chunks += 1
                 free.put(slot)
                 submit()
@@ -143,6 +159,7 @@ class GpuPipeline:
         """Reader thread: the chunk's bytes into the pinned buffer, its scale window (checked, fp32) into
         the pinned scale buffer.  Returns the window's first block index.  The GIL is released by the
         reads and copies."""
+        t0 = time.perf_counter()
         info = c.lt.stored
         run, _, offs = runs_of_box(info.shape, c.start, c.length, info.itemsize)
         if self.io.backend == "pread" or len(offs) == 1 or run >= (64 << 10):
@@ -153,6 +170,7 @@ class GpuPipeline:
             src = self.io.read(info, c.start, c.length)
             buf[: c.nbytes].view(info.torch_dtype).view(c.length).copy_(src)
         if c.lt.scale is None:
+            self.read_s += time.perf_counter() - t0
             return None
         from .fill import _check_finite
 
@@ -161,6 +179,7 @@ class GpuPipeline:
         scale = decode_scales(self.io.read(c.lt.scale.tensor, lo, shape), c.lt.scale.encoding)
         _check_finite(scale, c.lt, lo, self.io.root)
         sbuf[: scale.numel()].view(shape).copy_(scale)
+        self.read_s += time.perf_counter() - t0
         return lo, shape
 
     def _compute(self, c: Chunk, raw: torch.Tensor, scale: torch.Tensor, window) -> None:

@@ -82,6 +82,7 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
         self.peak_transient_bytes = 0
         self.tensors_read = 0
         self.quantized_read = 0
+        self.timings: dict[str, float] = {}
 
     # -- metadata ------------------------------------------------------------------------------------
     def logical_tensors(self) -> dict[str, LogicalTensor]:
@@ -134,6 +135,8 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
                     planner.commit_tensor(item, target)
             if pipe is not None:
                 pipe.run(chunks)
+                for k, v in pipe.timings().items():
+                    self.timings[k] = self.timings.get(k, 0) + v
                 for item, target in done:
                     planner.commit_tensor(item, target)
                 self.peak_transient_bytes = max(self.peak_transient_bytes, pipe.peak_transient_bytes)

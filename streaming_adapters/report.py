@@ -100,6 +100,7 @@ class RankStats:
     host_bytes_at_start: int = 0
     peak_gpu_bytes: int | None = None
     gpu_bytes_at_start: int | None = None
+    timings: dict[str, float] = field(default_factory=dict)  # phase split (plan_s, load_s, pipeline ...)
 
 
 @dataclass

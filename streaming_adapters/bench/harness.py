@@ -183,6 +183,11 @@ def run_benchmark(cfg) -> dict:
 
         meta["machine"] += f", {torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}"
     text = table(results, ckpt_bytes, meta)
+    for r in results:
+        for x in r.get("ranks", []):
+            if x.get("timings"):
+                print(f"timings {r['peer']} rank {x['rank']}: " + ", ".join(
+                    f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in x["timings"].items()))
     print(text, flush=True)
     out_dir = Path(cfg.report.path).parent if cfg.report.path else workdir
     out_dir.mkdir(parents=True, exist_ok=True)

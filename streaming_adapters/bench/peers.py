@@ -72,6 +72,7 @@ def run_peer(peer: str, path: str, device: str, workdir: str, readers: int = 4, 
 
         rep = load_fp8_state_dict(sd, path, readers=readers, io_backend=io_backend)
         result["bytes"] = rep.bytes_read
+        result["timings"] = rep.ranks[rank].timings
         result["transient"] = rep.peak_transient_bytes
     elif peer == "torch_quantized_reader":
         import torch.distributed.checkpoint as dcp
