@@ -7,13 +7,13 @@ through three stages that run concurrently on different chunks::
     copy stream         pinned buffer -> device staging buffer, non_blocking                 (PCIe: ~55 GB/s)
     compute stream      Triton dequant (or a copy for plain tensors) into the destination    (HBM)
 
-``depth`` pinned buffers and ``depth`` device buffers form two rings; a host buffer is reused once its
+``host_depth`` pinned buffers and ``depth`` device buffers form two rings; a host buffer is reused once its
 H2D copy has finished (an event), a device buffer once the kernel that read it has finished.  Several
 reader threads keep several reads in flight (what a cold NVMe or a network file system needs to reach its
 bandwidth: one synchronous read stream got ~1/3 of the disk's 4.6 GB/s on the GPU host).
 
-Memory (per rank): host ``depth x chunk`` pinned, GPU ``depth x chunk`` staging (defaults 4 x 32 MiB =
-128 MiB each) plus the scale windows; nothing proportional to a tensor.  On CPU destinations this module
+Memory (per rank): host ``host_depth x chunk`` pinned (8 x 32 MiB = 256 MiB), GPU ``depth x chunk``
+staging (3 x 32 MiB = 96 MiB) plus the scale windows; nothing proportional to a tensor.  On CPU destinations this module
 is not used: the mmap views and the LUT path are already zero-copy.
 """
 
@@ -32,7 +32,8 @@ from .checkpoint.byteio import BoxReader, runs_of_box
 from .formats import LogicalTensor
 from .numerics.fp8 import block_window, decode_scales, dequantize_into
 
-DEFAULT_DEPTH = 4
+DEFAULT_DEPTH = 3         # device staging slots: 3 x 32 MiB on the GPU
+DEFAULT_HOST_DEPTH = 8    # pinned slots: up to 8 reads in flight (8 x 32 MiB pinned host memory)
 DEFAULT_PIPELINE_CHUNK = 32 << 20
 DEFAULT_READERS = 4
 
@@ -62,11 +63,13 @@ class GpuPipeline:
     """Runs a list of chunks to completion on one CUDA device, overlapping the three stages."""
 
     def __init__(self, io: BoxReader, device: torch.device, *, chunk_bytes: int = DEFAULT_PIPELINE_CHUNK,
-                 depth: int = DEFAULT_DEPTH, readers: int = DEFAULT_READERS) -> None:
+                 depth: int = DEFAULT_DEPTH, host_depth: int = DEFAULT_HOST_DEPTH,
+                 readers: int = DEFAULT_READERS) -> None:
         self.io = io
         self.device = device
         self.chunk_bytes = chunk_bytes
         self.depth = depth
+        self.host_depth = max(host_depth, depth)
         self.readers = readers
         self.peak_transient_bytes = 0
         self.chunks = 0
@@ -90,22 +93,26 @@ class GpuPipeline:
         cuda = dev.type == "cuda"
         size = max(c.nbytes for c in chunks)
         nscale = max(_scale_elems(c) for c in chunks)
-        slots = min(self.depth, len(chunks))
-        host = [torch.empty(size, dtype=torch.uint8, pin_memory=cuda) for _ in range(slots)]
-        devbuf = [torch.empty(size, dtype=torch.uint8, device=dev) for _ in host]
+        # Host ring (reads in flight) deeper than the device ring (copies + kernels in flight): the readers
+        # must never idle while the issuing thread is busy (on the 2xH200 host, with one ring of 4 the
+        # readers were busy only 55% of the load).
+        n_host = min(self.host_depth, len(chunks))
+        n_dev = min(self.depth, len(chunks))
+        host = [torch.empty(size, dtype=torch.uint8, pin_memory=cuda) for _ in range(n_host)]
+        devbuf = [torch.empty(size, dtype=torch.uint8, device=dev) for _ in range(n_dev)]
         # Scale windows travel beside their codes: decoded to fp32 by the reader thread, copied on the copy
         # stream (a synchronous small copy would stall the host on the compute stream every chunk).
         hscale = [torch.empty(max(1, nscale), dtype=torch.float32, pin_memory=cuda) for _ in host]
-        dscale = [torch.empty(max(1, nscale), dtype=torch.float32, device=dev) for _ in host]
+        dscale = [torch.empty(max(1, nscale), dtype=torch.float32, device=dev) for _ in devbuf]
         # On a CPU "device" (tests of this logic without a GPU) streams and events are no-ops.
         copy_stream = torch.cuda.Stream(dev) if cuda else _NoStream()
         compute = torch.cuda.current_stream(dev) if cuda else _NoStream()
-        copied = [torch.cuda.Event() if cuda else _NoEvent() for _ in host]    # H2D done: host buffer free
-        consumed = [torch.cuda.Event() if cuda else _NoEvent() for _ in host]  # kernel done: device buffer free
+        copied = [torch.cuda.Event() if cuda else _NoEvent() for _ in host]      # H2D done: host slot free
+        consumed = [torch.cuda.Event() if cuda else _NoEvent() for _ in devbuf]  # kernel done: device slot free
         free: queue.Queue[int] = queue.Queue()
-        for i in range(len(host)):
+        for i in range(n_host):
             free.put(i)
-        self.peak_transient_bytes = max(self.peak_transient_bytes, 2 * len(host) * size)
+        self.peak_transient_bytes = max(self.peak_transient_bytes, (n_host + n_dev) * size)
         pool = ThreadPoolExecutor(self.readers, thread_name_prefix="sa-read")
         pending: list[tuple[Chunk, int, Future]] = []
         it = iter(chunks)
@@ -126,6 +133,7 @@ class GpuPipeline:
             for _ in host:
                 if not submit():
                     break
+            k = 0
             while pending:
                 c, slot, fut = pending.pop(0)
                 t = time.perf_counter()
@@ -133,15 +141,17 @@ class GpuPipeline:
                 t1 = time.perf_counter()
                 self.wait_read_s += t1 - t
                 n, ns = c.nbytes, _scale_elems(c)
+                d = k % n_dev
+                k += 1
                 with torch.cuda.stream(copy_stream) if cuda else contextlib.nullcontext():
-                    copy_stream.wait_event(consumed[slot])  # the kernel that read devbuf[slot] is done
-                    devbuf[slot][:n].copy_(host[slot][:n], non_blocking=True)
+                    copy_stream.wait_event(consumed[d])  # the kernel that read devbuf[d] is done
+                    devbuf[d][:n].copy_(host[slot][:n], non_blocking=True)
                     if ns:
-                        dscale[slot][:ns].copy_(hscale[slot][:ns], non_blocking=True)
+                        dscale[d][:ns].copy_(hscale[slot][:ns], non_blocking=True)
                     copied[slot].record(copy_stream)
                 compute.wait_event(copied[slot])
-                self._compute(c, devbuf[slot][:n], dscale[slot][:ns], window)
-                consumed[slot].record(compute)
+                self._compute(c, devbuf[d][:n], dscale[d][:ns], window)
+                consumed[d].record(compute)
                 self.issue_s += time.perf_counter() - t1
                 self.chunks += 1
                 free.put(slot)
