@@ -29,6 +29,7 @@ for stage in "${@:-bench}"; do
             bench x2b llama70b 8 2 '[raw_read,streaming_adapters,streaming_adapters]' ;;  # 2nd: Triton JIT cached
         nemo) bash tests/gpu/nemo_x2.sh 2>&1 | tee "$RES/nemo_x2.txt" | tail -30 ;;
         scale) bench x1 llama70b 4 1 '[raw_read,streaming_adapters,convert_nvfp4]' ;;
+        readers8) bench x2r8 llama70b 8 2 '[streaming_adapters]' io.readers=8 ;;
         123b)
             bench tp2_123b mistral_large_123b 16 2 '[raw_read,streaming_adapters,convert_nvfp4,transformers_dequantize]'
             for tp in 2 4 8; do
