@@ -71,7 +71,7 @@ class IOConfig:
     """mmap (page-cache views, default) or pread (exact byte reads, no readahead; for network file systems)."""
     chunk_mb: int = 64
     """Most FP8 code bytes in flight per rank, whatever the tensor size."""
-    readers: int = 4
+    readers: int = 8
     """GPU destinations: reader threads feeding the pipeline (reads in flight per rank)."""
     step_mb: float = 1024
     """Conversion: BF16 bytes per step (each rank holds its share of one step)."""

@@ -42,7 +42,7 @@ def load_fp8_state_dict(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     io_backend: str = "mmap",
     gpu_pipeline: bool | str = "auto",
-    readers: int = 4,
+    readers: int = 8,
     verbose: bool = False,
 ) -> LoadReport:
     """Fill ``state_dict`` in place from an FP8 (or plain) Hugging Face safetensors checkpoint.

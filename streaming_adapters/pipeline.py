@@ -35,7 +35,7 @@ from .numerics.fp8 import block_window, decode_scales, dequantize_into
 DEFAULT_DEPTH = 3         # device staging slots: 3 x 32 MiB on the GPU
 DEFAULT_HOST_DEPTH = 8    # pinned slots: up to 8 reads in flight (8 x 32 MiB pinned host memory)
 DEFAULT_PIPELINE_CHUNK = 32 << 20
-DEFAULT_READERS = 4
+DEFAULT_READERS = 8  # 2xH200, 8 Llama-70B layers, TP=2, cold: 5.19 s with 8 readers, 5.67 s with 4
 
 
 @dataclass

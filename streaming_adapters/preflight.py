@@ -7,8 +7,8 @@ fit is refused with the layouts of the same world size that would.
 
 Memory model (what a load allocates on top of the process baseline):
   CPU destination:  shard + transient (mmap: the numerics' sub-chunk scratch, ~5 MiB; pread: + chunk)
-  CUDA destination: GPU shard + chunk codes + fp32 scratch (8 B/element of a chunk, torch path) ;
-                    host: pinned staging of one chunk (pread) or nothing (mmap)
+  CUDA destination: GPU shard + the pipeline's device staging ring (3 x 32 MiB; the Triton kernel needs
+                    no scratch); host: its pinned ring (8 x 32 MiB)
 Conversion: the rank's BF16 share of its largest step + its NVFP4 output of one piece + chunk.
 """
 
@@ -23,6 +23,7 @@ from .errors import CheckpointError
 from .formats import LogicalTensor, StreamingFP8StateDictAdapter
 from .layouts import EXPERT, LAYER, Layout, local_box
 from .numerics.fp8 import CPU_SUBCHUNK_ELEMS, block_window
+from .pipeline import DEFAULT_DEPTH, DEFAULT_HOST_DEPTH, DEFAULT_PIPELINE_CHUNK
 from .report import _fmt_bytes
 
 GiB = 1 << 30
@@ -113,9 +114,12 @@ def plan_load(index: CheckpointIndex, adapter: StreamingFP8StateDictAdapter, lay
             largest = max(largest, math.prod(box[1]) * lt.stored.itemsize)
         chunk = min(chunk_bytes, largest)
         if device == "cuda":
-            rp.transient_bytes = chunk * 9  # codes + fp32 copy + gathered scale per element
+            # The GPU pipeline: device staging ring (codes; the Triton kernel needs no scratch) on the GPU,
+            # the pinned ring on the host (pipeline.py).
+            piece = min(chunk, DEFAULT_PIPELINE_CHUNK)
+            rp.transient_bytes = DEFAULT_DEPTH * piece
             rp.gpu_bytes = rp.shard_bytes + rp.transient_bytes
-            rp.host_bytes = chunk if io_backend == "pread" else 0
+            rp.host_bytes = DEFAULT_HOST_DEPTH * piece
         else:
             rp.transient_bytes = CPU_SCRATCH + (chunk if io_backend == "pread" else 0)
             rp.host_bytes = rp.shard_bytes + rp.transient_bytes

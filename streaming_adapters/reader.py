@@ -66,7 +66,7 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
         io_backend: str = "mmap",
         include_hidden: bool | set[str] = False,
         gpu_pipeline: bool | str = "auto",
-        readers: int = 4,
+        readers: int = 8,
     ) -> None:
         super().__init__(path=str(path))
         self.index = index or CheckpointIndex.open(path)

@@ -50,7 +50,7 @@ def _tp_state_dict(path: str, device: str):
     return index, adapter, sd, boxes
 
 
-def run_peer(peer: str, path: str, device: str, workdir: str, readers: int = 4, io_backend: str = "mmap") -> dict:
+def run_peer(peer: str, path: str, device: str, workdir: str, readers: int = 8, io_backend: str = "mmap") -> dict:
     rank = dist.get_rank() if dist.is_initialized() else 0
     dev = f"cuda:{torch.cuda.current_device()}" if device == "cuda" else "cpu"
     from ..report import rss_anon_bytes
@@ -156,7 +156,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--workdir", default="/tmp/sa_bench")
     p.add_argument("--out", required=True)
-    p.add_argument("--readers", type=int, default=4)
+    p.add_argument("--readers", type=int, default=8)
     p.add_argument("--io-backend", default="mmap", choices=["mmap", "pread"])
     a = p.parse_args()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -51,7 +51,7 @@ def convert_checkpoint(
     device: str | torch.device = "cpu",
     sync_every_s: float = 30.0,
     gpu_pipeline: bool | str = "auto",
-    readers: int = 4,
+    readers: int = 8,
     progress: bool = True,
     verbose: bool = False,
 ) -> ConvertReport:
