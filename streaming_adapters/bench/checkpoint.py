@@ -91,3 +91,30 @@ def fabricate(path: str | Path, shape: str = "llama70b", layers: int = 2, *, blo
     (path / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return path
+
+
+def fabricate_headers(path: str | Path, shape: str, layers: int, *, block: int = 128, experts: int = 256) -> Path:
+    """A block-FP8 checkpoint of real size whose files are headers plus holes (sparse, ~no disk): enough for
+    everything that reads headers only (``streaming-adapters plan``), e.g. the full 88-layer 123B model."""
+    from ..convert.layout import OutputTensor, layout_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = bench_config(shape, layers, experts)
+    layout = disk_layout(config)
+    tensors = []
+    for name, shape_ in layout.items():
+        if is_quantizable(name, shape_):
+            tensors.append(OutputTensor(name, "F8_E4M3", shape_, name, "copy"))
+            grid = (math.ceil(shape_[0] / block), math.ceil(shape_[1] / block))
+            tensors.append(OutputTensor(name[: -len(".weight")] + ".weight_scale_inv", "F32", grid, name, "copy"))
+        else:
+            tensors.append(OutputTensor(name, "BF16", shape_, name, "copy"))
+    lay = layout_file("model.safetensors", tensors)
+    with open(path / "model.safetensors", "wb") as f:
+        f.write(lay.header)
+        f.truncate(lay.size)
+    cfg = config.to_dict()
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [block, block]}
+    (path / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    return path
