@@ -20,24 +20,25 @@ import torch
 MiB = 1 << 20
 
 
-def _status_kib(field_name: str) -> int | None:
+def rss_anon_of(pid: int | str = "self") -> int | None:
+    """``RssAnon`` of a process in bytes (``/proc/<pid>/status``), or None if it is gone / not Linux."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
 
 
 def rss_anon_bytes() -> int:
-    kib = _status_kib("RssAnon")
-    if kib is None:  # not Linux: fall back to total RSS
+    own = rss_anon_of("self")
+    if own is None:  # not Linux: fall back to total RSS
         import psutil
 
         return psutil.Process().memory_info().rss
-    return kib * 1024
+    return own
 
 
 class MemoryMonitor:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import psutil
 
+from ..report import rss_anon_of
 from .checkpoint import fabricate
 
 MiB, GiB = 1 << 20, 1 << 30
@@ -34,17 +35,6 @@ def drop_page_cache() -> bool:
         return True
     except OSError:
         return False
-
-
-def _rss_anon(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 class OutsideSampler:
@@ -65,7 +55,7 @@ class OutsideSampler:
             except psutil.NoSuchProcess:
                 break
             for k in kids:
-                self.peaks[k.pid] = max(self.peaks.get(k.pid, 0), _rss_anon(k.pid))
+                self.peaks[k.pid] = max(self.peaks.get(k.pid, 0), rss_anon_of(k.pid) or 0)
             time.sleep(self.interval)
 
     def stop(self) -> dict[int, int]:

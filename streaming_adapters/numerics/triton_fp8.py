@@ -48,12 +48,7 @@ import functools
 
 import torch
 
-try:  # Triton is optional: CPU-only installs fall back to fp8.dequantize_into's torch paths.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised on installs without triton
-    triton = None
-    tl = None
+from ._triton import jit, native_fp8, tl, triton, triton_available, triton_importable  # noqa: F401
 
 # Default tile: 64x128 codes = 8 KiB read + 16 KiB written (BF16) per program, 64 elements per thread with
 # 4 warps.  128 columns = one 128x128 block wide, so DeepSeek-style block scales take the 4-scalar path
@@ -182,27 +177,9 @@ _NO_SPECIALIZE = ["rows", "cols_u", "out_stride_u", "codes_stride_u", "r0", "c0"
 
 @functools.cache
 def _kernel(interpret: bool):
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return InterpretedFunction(_dequant_fp8_kernel)
-    return triton.jit(_dequant_fp8_kernel, do_not_specialize=_NO_SPECIALIZE)
+    return jit(_dequant_fp8_kernel, interpret, _NO_SPECIALIZE)
 
 
-@functools.cache
-def _triton_importable() -> bool:
-    return triton is not None
-
-
-def triton_available() -> bool:
-    """True when the Triton path can run here: CUDA torch with a visible GPU and triton importable."""
-    return _triton_importable() and torch.version.cuda is not None and torch.cuda.is_available()
-
-
-@functools.cache
-def _native_fp8(device_index: int) -> bool:
-    # Hardware e4m3 conversions (cvt.*.e4m3x2) start at sm_89; older GPUs take the integer (SOFT) path.
-    return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
 def dequantize_into_triton(
@@ -229,7 +206,7 @@ def dequantize_into_triton(
     width in elements, default: the output's 16-byte vector]); ``soft`` forces the
     integer FP8 decode / BF16 rounding; ``interpret`` runs Triton's CPU interpreter on CPU tensors.
     """
-    if not _triton_importable() or not (interpret or triton_available()):
+    if not triton_importable() or not (interpret or triton_available()):
         return False
     if not interpret and not (out.is_cuda and codes.device == out.device and scale.device == out.device):
         return False
@@ -313,7 +290,7 @@ def _launch_2d(out, codes, scale, box_start, block, win_start, tile, soft, inter
     if gr * gc > _I32_MAX:
         return False
     if soft is None:
-        soft = interpret or not _native_fp8(out.device.index if out.device.index is not None else 0)
+        soft = interpret or not native_fp8(out.device.index if out.device.index is not None else 0)
     scale = scale.contiguous()
     unit, codes_unit = (vec, codes_vec) if aligned else (1, 1)
     n_col_tiles = triton.cdiv(cols, block_c)

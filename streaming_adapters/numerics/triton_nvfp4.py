@@ -76,12 +76,7 @@ import itertools
 
 import torch
 
-try:  # Triton is optional: CPU-only installs use nvfp4.py's torch paths.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised on installs without triton
-    triton = None
-    tl = None
+from ._triton import jit, native_fp8, tl, triton, triton_available, triton_importable  # noqa: F401
 
 GROUP = 16
 # Default tile: 32 blocks (512 columns) x 8 rows = 8 KiB read + 2 KiB + 256 B written per program, 4 warps,
@@ -230,26 +225,9 @@ _NO_SPECIALIZE = ["rows", "n_blocks", "w_stride_u", "n_col_tiles"]
 
 @functools.cache
 def _kernel(interpret: bool):
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return InterpretedFunction(_quant_nvfp4_kernel)
-    return triton.jit(_quant_nvfp4_kernel, do_not_specialize=_NO_SPECIALIZE)
+    return jit(_quant_nvfp4_kernel, interpret, _NO_SPECIALIZE)
 
 
-@functools.cache
-def _triton_importable() -> bool:
-    return triton is not None
-
-
-def triton_available() -> bool:
-    """True when the Triton path can run here: CUDA torch with a visible GPU and triton importable."""
-    return _triton_importable() and torch.version.cuda is not None and torch.cuda.is_available()
-
-
-@functools.cache
-def _native_fp8(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (8, 9)  # cvt.*.e4m3x2 from sm_89
 
 
 def pick_tile(n_blocks: int, rows: int | None = None) -> tuple[int, int, int]:
@@ -296,7 +274,7 @@ def quantize_modelopt_triton(
 
 
 def _quantize(w, g, producer, out, interpret, tile, soft, fast):
-    if not _triton_importable() or not (interpret or triton_available()):
+    if not triton_importable() or not (interpret or triton_available()):
         return None
     if not interpret and not w.is_cuda:
         return None
@@ -333,7 +311,7 @@ def _quantize(w, g, producer, out, interpret, tile, soft, fast):
     if not all(plans):
         return None
     if soft is None:
-        soft = interpret or not _native_fp8(w.device.index if w.device.index is not None else 0)
+        soft = interpret or not native_fp8(w.device.index if w.device.index is not None else 0)
     fast = (not interpret) if fast is None else bool(fast)
     gs = g.reshape(1).to(device=w.device, dtype=torch.float32)
     for (wi, pi, si), plan in zip(todo, plans):

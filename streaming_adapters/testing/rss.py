@@ -20,16 +20,7 @@ import threading
 import time
 
 
-def rss_anon_of(pid: int) -> int | None:
-    """RssAnon of ``pid`` in bytes, or None if the process is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+from ..report import rss_anon_of  # noqa: E402,F401  (re-exported: tests import it from here)
 
 
 class RssSampler:
