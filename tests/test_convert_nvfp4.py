@@ -62,8 +62,10 @@ def _u8(t):
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-CASES = [("llama", "fp8_block"), ("llama", "fp8_tensor"), ("qwen3_moe", "fp8_block"), ("qwen3_moe", "ct_channel"),
-         ("deepseek_v3", "fp8_block"), ("deepseek_v3", "fp8_block_u8"), ("mixtral", "ct_block")]
+# Llama, Qwen3-MoE and DeepSeek-V3 in block, per-tensor and compressed-tensors FP8 (plus UE8M0 and Mixtral).
+CASES = [(family, fmt) for family in ("llama", "qwen3_moe", "deepseek_v3") for fmt in ("fp8_block", "fp8_tensor")]
+CASES += [("llama", "ct_group"), ("qwen3_moe", "ct_channel"), ("deepseek_v3", "ct_block"),
+          ("deepseek_v3", "fp8_block_u8"), ("mixtral", "ct_block")]
 
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "modelopt"])
