@@ -8,18 +8,8 @@
 #           transformers' dequantize=True side by side, plus the pre-flight plan for TP=2/4/8
 # Results: a tarball in $OUT; tables on stdout.  SA_DRY=1: the same on CPU with tiny shapes.
 source tests/gpu/setup.sh
-DEV=cuda; if [[ ${SA_DRY:-0} == 1 ]]; then DEV=cpu; fi
-shape() { if [[ ${SA_DRY:-0} == 1 ]]; then echo tiny; else echo "$1"; fi; }
-OUT=${OUT:-/tmp/out}; RES=/tmp/results; mkdir -p "$RES" "$OUT"
-trap 'tar czf "$OUT/results.tgz" -C /tmp results' EXIT
+source tests/gpu/bench_fn.sh
 set +e
-bench() {  # name shape layers nproc peers [extra overrides]
-    local name=$1 shape=$2 layers=$3 nproc=$4 peers=$5; shift 5
-    python3 -m streaming_adapters.run --config-name benchmark device=$DEV benchmark.shape=$(shape $shape) \
-        benchmark.layers=$layers benchmark.nproc=$nproc checkpoint.path=/tmp/bench/$shape-$layers \
-        benchmark.workdir=/tmp/bench/work-$name report.path=$RES/$name/report.json "benchmark.peers=$peers" "$@" \
-        2>&1 | tee "$RES/$name.log" | grep "^|\|^checkpoint\|FAILED\|^timings" | tail -14
-}
 for stage in "${@:-bench}"; do
     case $stage in
         bench)
