@@ -229,14 +229,13 @@ def _run_step(plan: ConversionPlan, step: Step, rank: int, filler: BoxFiller, st
         pipe.run(chunks)
     for piece, buf in bf16_out:
         _write_rows(staged, plan, plan.outputs[piece.tensor][0], piece.r0, buf)
-    for piece, buf in held:
-        lo, hi = torch.aminmax(buf)
-        u = unit_of[piece.tensor]
-        amax[u] = torch.maximum(amax[u], torch.maximum(-lo.float(), hi.float()))
-    if units and is_dist(group):
-        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
     if held:
         from ..numerics import nvfp4
+    for piece, buf in held:
+        u = unit_of[piece.tensor]
+        amax[u] = torch.maximum(amax[u], nvfp4.tensor_amax(buf).float())  # BF16 amax: exact in fp32
+    if units and is_dist(group):
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
     for piece, buf in held:
         outs = {o.role: o for o in plan.outputs[piece.tensor]}
         a = amax[unit_of[piece.tensor]].to(torch.bfloat16)
