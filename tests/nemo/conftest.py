@@ -26,31 +26,22 @@ collect_ignore_glob = [] if importlib.util.find_spec("nemo_automodel") else ["te
 DENSE = {"num_attention_heads": 4, "num_key_value_heads": 2}
 
 
-class NeMoCheckpoints:
-    """Fixture checkpoints with ``architectures`` set (NeMo resolves its model class from it), built once."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.cache: dict[tuple, Path] = {}
-
-    def __call__(self, family: str = "llama", fmt: str = "fp8_block", **kw) -> Path:
-        from streaming_adapters.testing.fixtures import make_checkpoint
-
-        key = (family, fmt, tuple(sorted(kw.items())))
-        if key not in self.cache:
-            arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                    "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
-                    "deepseek_v3": "DeepseekV3ForCausalLM"}[family]
-            extra = dict(DENSE) if family in ("llama", "mistral", "qwen3") else {}
-            extra.update(kw)
-            name = "-".join([family, fmt] + [f"{k}={v}" for k, v in sorted(kw.items())])
-            self.cache[key] = make_checkpoint(self.root / name, family, fmt, architectures=[arch], **extra).path
-        return self.cache[key]
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+                 "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
 @pytest.fixture(scope="session")
-def nemo_checkpoints(tmp_path_factory) -> NeMoCheckpoints:
-    return NeMoCheckpoints(tmp_path_factory.mktemp("nemo_ckpt"))
+def nemo_checkpoints(checkpoints):
+    """The package's fixture checkpoints (tests/conftest.py, built once) with ``architectures`` set: NeMo
+    resolves its model class from it."""
+
+    def make(family: str = "llama", fmt: str = "fp8_block", **kw) -> Path:
+        extra = dict(DENSE) if family in ("llama", "mistral", "qwen3") else {}
+        extra.update(kw)
+        return checkpoints(family, fmt, architectures=(ARCHITECTURES[family],), **extra)
+
+    return make
 
 
 def set_architecture(path: Path, arch: str, model_type: str) -> None:
