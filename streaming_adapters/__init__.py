@@ -4,6 +4,7 @@ Public API::
 
     load_fp8_state_dict(state_dict, checkpoint_path, *, process_group=None, **options) -> LoadReport
     load_fp8_checkpoint(model, checkpoint_path, *, device_mesh=None, **options) -> LoadReport
+    fully_shard_layers(model, mesh)  # FSDP2 per layer; F32 routers (DeepSeek-V3) as units of their own
     convert_checkpoint(src, dst, *, target, format=None, process_group=None, **options) -> ConvertReport
     verify_checkpoint(nvfp4_dir, reference=fp8_dir) -> VerifyReport
     get_adapter(checkpoint_path_or_config) / list_adapters() / register_adapter
@@ -18,7 +19,7 @@ from .formats import (
     register_adapter,
 )
 from .load import load_fp8_state_dict
-from .models import get_key_mapper, load_fp8_checkpoint, register_key_mapper
+from .models import fully_shard_layers, get_key_mapper, load_fp8_checkpoint, register_key_mapper
 from .convert import ConvertReport, convert_checkpoint
 from .convert.verify import VerifyReport, verify_checkpoint
 from .reader import StreamingFP8StorageReader
@@ -36,6 +37,7 @@ __all__ = [
     "load_fp8_state_dict",
     "register_adapter",
     "load_fp8_checkpoint",
+    "fully_shard_layers",
     "get_key_mapper",
     "register_key_mapper",
     "convert_checkpoint",

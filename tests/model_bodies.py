@@ -238,14 +238,13 @@ def world_mesh(*shape, names=None):
 
 
 def fsdp2(model, mesh) -> None:
-    """Real FSDP2: fully_shard per decoder layer (and the vision tower), then the root."""
-    from torch.distributed.fsdp import fully_shard
-
-    for layer in decoder(model).layers:
-        fully_shard(layer, mesh=mesh)
+    """Real FSDP2 through the library's ``fully_shard_layers``: fully_shard per decoder layer (and the
+    vision tower), then the root; F32 submodules (DeepSeek-V3's router under transformers >= 5.2x) become
+    units of their own first."""
+    layers = list(decoder(model).layers)
     if hasattr(model.model, "vision_tower"):
-        fully_shard(model.model.vision_tower, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        layers.append(model.model.vision_tower)
+    sa.fully_shard_layers(model, mesh, layers=layers)
 
 
 def tensor_parallel(model, mesh) -> None:
@@ -356,7 +355,11 @@ def fsdp2_body(path: str, tie: bool = False):
     got = logits(model)
     assert_bit_equal(got, reference_logits(bf16_copy(path)), "logits")
     placements = sorted({str(v.placements) for v in model.state_dict().values() if hasattr(v, "placements")})
-    return dict(checked=checked, groups=report.groups, placements=placements, tied=tied,
+    from torch.distributed.fsdp import FSDPModule
+
+    f32_units = sorted(n for n, m in model.named_modules() if isinstance(m, FSDPModule)
+                       and any(p.dtype == torch.float32 for p in m.parameters(recurse=False)))
+    return dict(checked=checked, groups=report.groups, placements=placements, tied=tied, f32_units=f32_units,
                 quantized=report.quantized, missing=report.missing, unexpected=report.unexpected)
 
 

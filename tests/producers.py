@@ -93,10 +93,10 @@ def modelopt_export(members: list[torch.Tensor]) -> list[tuple[torch.Tensor, tor
     """What ModelOpt 0.47's unified HF export writes for one fused group of BF16 weights on a GPU:
     ``weight_scale_2 = amax_group / 2688`` (torch on CUDA: ``amax * fp32(1/2688)``), then
     ``NVFP4QTensor.quantize(w, 16, None, weight_scale_2)`` per member.  Returns (weight, weight_scale,
-    weight_scale_2) per member.  Needs ``pip install --no-deps nvidia-modelopt==0.47.0`` (CI does)."""
+    weight_scale_2) per member.  Installed by the test extra (``pip install -e ".[test]"``)."""
     Q = load_modelopt_nvfp4()
     if Q is None:
-        raise RuntimeError("modelopt is not importable: pip install --no-deps nvidia-modelopt==0.47.0")
+        raise RuntimeError("modelopt is not importable: pip install -e \".[test]\" (nvidia-modelopt==0.47.0)")
     amax = max(float(w.float().abs().max()) for w in members)
     w2 = torch.tensor(amax, dtype=torch.float32) * torch.tensor(1.0 / 2688.0, dtype=torch.float32)
     if amax == 0:
