@@ -220,7 +220,7 @@ def _run_step(plan: ConversionPlan, step: Step, rank: int, filler: BoxFiller, st
             continue
         buf = torch.empty(length, dtype=torch.bfloat16, device=dev)
         if pipe is not None:  # GPU: the whole step's reads go through one overlapped pipeline run
-            filler.check(lt, length, buf)
+            filler.check(lt, length, buf, start)
             chunks += split_box(lt, start, length, buf, pipe.max_elems(lt.stored.itemsize))
         else:
             filler.fill(lt, start, length, buf)
