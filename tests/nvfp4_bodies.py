@@ -27,12 +27,16 @@ CT, MO = "compressed-tensors", "modelopt"
 
 
 # -- fixtures ------------------------------------------------------------------------------------------
-def make_nvfp4(fp8_src: Path, dst: Path, fmt: str, *, w4a4: bool = False, hf_quant_only: bool = False) -> Path:
+def make_nvfp4(src: Path, dst: Path, fmt: str, *, w4a4: bool = False, hf_quant_only: bool = False) -> Path:
+    """``src``: an FP8 checkpoint to convert, or an NVFP4A16 one of format ``fmt`` to copy (cheaper)."""
     from streaming_adapters.convert import convert_checkpoint
 
     if dst.exists():
         shutil.rmtree(dst)
-    convert_checkpoint(fp8_src, dst, target="nvfp4", format=fmt)
+    if json.loads((src / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8":
+        convert_checkpoint(src, dst, target="nvfp4", format=fmt)
+    else:
+        shutil.copytree(src, dst)
     if w4a4:
         _add_activation_scales(dst, fmt)
     if hf_quant_only:  # ModelOpt exports read by TensorRT-LLM: the scheme only in hf_quant_config.json
