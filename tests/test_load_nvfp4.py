@@ -231,3 +231,20 @@ def test_tp2_column_shard_off_the_blocks_is_refused_on_every_rank(pool, random_c
         assert r is not None and r[2] == "ScaleLayoutError", r
         assert "columns [0, 24)" in r[1] or "columns [24, 48)" in r[1]
         assert "16-column block" in r[1] and "Shard(0)" in r[1]
+
+
+# -- the recipes, as users run them (torchrun, 2 ranks) -----------------------------------------------------
+@pytest.mark.dist
+def test_recipes_load_check_and_dequantize_bf16(nvfp4, tmp_path):
+    from launch import entry
+
+    report = tmp_path / "report.json"
+    p = entry(["--config-name", "load_check", f"checkpoint.path={nvfp4(MO, True)}", "verify=true",
+               f"report.path={report}", "parallel.tp=2"], nproc=2)
+    assert "verify: 0 mismatched shard(s)" in p.stdout and json.loads(report.read_text())["adapter"] == "modelopt/nvfp4"
+    src, out = nvfp4(CT, True), tmp_path / "bf16"
+    entry(["--config-name", "dequantize_bf16", f"checkpoint.path={src}", f"output.path={out}", "parallel.dp_shard=2"],
+          nproc=2)
+    got = load_all(out)
+    for k, v in NB.producer_state_dict(src).items():
+        assert_bit_equal(got[k], v, k)
