@@ -72,6 +72,10 @@ class UnknownFormatError(CheckpointError):
     """The checkpoint's ``quant_method`` (or scale layout) has no registered adapter."""
 
 
+class AlreadyNVFP4Error(CheckpointError):
+    """An NVFP4 conversion of a checkpoint that is already NVFP4 (re-quantizing would only lose precision)."""
+
+
 class DestinationError(CheckpointError):
     """A destination tensor has the wrong shape or dtype, or a requested key is missing."""
 

@@ -39,7 +39,8 @@ class BoxFiller:
         self.quantized = 0
         self._staging: torch.Tensor | None = None
 
-    def check(self, lt: LogicalTensor, length: tuple[int, ...], target: torch.Tensor) -> None:
+    def check(self, lt: LogicalTensor, length: tuple[int, ...], target: torch.Tensor,
+              start: tuple[int, ...] | None = None) -> None:
         """Validate a destination box and count it (also used when the GPU pipeline fills it)."""
         if tuple(target.shape) != tuple(length):
             raise DestinationError(
@@ -56,12 +57,16 @@ class BoxFiller:
                     fix="allocate the destination in bfloat16 (or float32)",
                 )
             self.quantized += 1
+            if lt.decoder is not None:
+                lt.decoder.check_box(lt, tuple(start if start is not None else (0,) * len(length)), tuple(length))
 
     def fill(
         self, lt: LogicalTensor, start: tuple[int, ...], length: tuple[int, ...], target: torch.Tensor
     ) -> None:
         """Fill ``target`` (shape ``length``) with the box ``[start, start + length)`` of ``lt``."""
-        self.check(lt, length, target)
+        self.check(lt, length, target, start)
+        if lt.decoder is not None:
+            return self._fill_decoded(lt, start, length, target)
         device = target.device
         elem = lt.stored.itemsize
         # CUDA: codes (1 B) + the multiply path's fp32 copy and gathered scale (8 B) per element.
@@ -87,6 +92,20 @@ class BoxFiller:
             if pinned:
                 torch.cuda.current_stream(device).synchronize()  # the staging buffer is reused next chunk
             self.peak_transient_bytes = max(self.peak_transient_bytes, transient + scratch + scale.nbytes)
+
+    def _fill_decoded(self, lt: LogicalTensor, start, length, target: torch.Tensor) -> None:
+        """Layouts with their own decoder (formats/decoder.py: NVFP4): same chunking, the decoder's boxes."""
+        dec = lt.decoder
+        device = target.device
+        # Codes (1/elems_per_stored B per element) + on CUDA the decode's scratch (fp32 multipliers: ~nothing).
+        max_elems = max(1, self.chunk_bytes * dec.elems_per_stored // lt.stored.itemsize)
+        for sub_start, sub_len in dec.split(tuple(start), tuple(length), max_elems):
+            dst = _narrow(target, tuple(s - s0 for s, s0 in zip(sub_start, start)), sub_len)
+            src = self.io.read(lt.stored, *dec.stored_box(sub_start, sub_len))
+            transient = 0 if (self.io.backend == "mmap" and device.type == "cpu") else src.nbytes
+            window, extra = dec.read_scales(self.io, lt, sub_start, sub_len)
+            scratch = dec.decode_into(dst, src.to(device) if device.type != "cpu" else src, window, extra)
+            self.peak_transient_bytes = max(self.peak_transient_bytes, transient + scratch + window.nbytes)
 
     def _staging_for(self, nbytes: int, capacity: int) -> torch.Tensor:
         if self._staging is None or self._staging.numel() < nbytes:

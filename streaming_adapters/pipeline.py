@@ -46,15 +46,23 @@ class Chunk:
     dst: torch.Tensor          # a view of the destination (device tensor)
 
     @property
+    def stored(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The chunk's box in the stored tensor (the decoder's coordinates for NVFP4)."""
+        return self.lt.decoder.stored_box(self.start, self.length) if self.lt.decoder else (self.start, self.length)
+
+    @property
     def nbytes(self) -> int:
-        return math.prod(self.length) * self.lt.stored.itemsize
+        return math.prod(self.stored[1]) * self.lt.stored.itemsize
 
 
 def split_box(lt: LogicalTensor, start, length, target: torch.Tensor, max_elems: int) -> list[Chunk]:
     from .fill import _narrow, iter_subboxes
 
     out = []
-    for s, n in iter_subboxes(tuple(start), tuple(length), max_elems):
+    split = lt.decoder.split if lt.decoder is not None else iter_subboxes
+    if lt.decoder is not None:
+        max_elems *= lt.decoder.elems_per_stored  # max_elems counts stored elements (bytes of the staging slot)
+    for s, n in split(tuple(start), tuple(length), max_elems):
         out.append(Chunk(lt, s, n, _narrow(target, tuple(a - b for a, b in zip(s, start)), n)))
     return out
 
@@ -171,14 +179,20 @@ class GpuPipeline:
         reads and copies."""
         t0 = time.perf_counter()
         info = c.lt.stored
-        run, _, offs = runs_of_box(info.shape, c.start, c.length, info.itemsize)
+        start, length = c.stored
+        run, _, offs = runs_of_box(info.shape, start, length, info.itemsize)
         if self.io.backend == "pread" or len(offs) == 1 or run >= (64 << 10):
             # Contiguous chunks (row ranges) and long runs: preads into the pinned buffer.  On the 2xH200
             # host, copies out of an mmap into pinned memory ran at half the disk's cold read speed.
-            self.io.read_into(info, c.start, c.length, buf)
+            self.io.read_into(info, start, length, buf)
         else:  # many short runs (a row-parallel shard of a narrow matrix): page-cache views, one copy
-            src = self.io.read(info, c.start, c.length)
-            buf[: c.nbytes].view(info.torch_dtype).view(c.length).copy_(src)
+            src = self.io.read(info, start, length)
+            buf[: c.nbytes].view(info.torch_dtype).view(length).copy_(src)
+        if c.lt.decoder is not None:  # its own scale window (fp32-exact values) and extra (a global scale)
+            window, extra = c.lt.decoder.read_scales(self.io, c.lt, c.start, c.length)
+            sbuf[: window.numel()].view(window.shape).copy_(window)
+            self.read_s += time.perf_counter() - t0
+            return None, tuple(window.shape), extra
         if c.lt.scale is None:
             self.read_s += time.perf_counter() - t0
             return None
@@ -193,9 +207,13 @@ class GpuPipeline:
         return lo, shape
 
     def _compute(self, c: Chunk, raw: torch.Tensor, scale: torch.Tensor, window) -> None:
-        src = raw.view(c.lt.stored.torch_dtype).view(c.length)
+        src = raw.view(c.lt.stored.torch_dtype).view(c.stored[1])
         if c.lt.scale is None:
             c.dst.copy_(src, non_blocking=True)
+            return
+        if c.lt.decoder is not None:
+            _, shape, extra = window
+            c.lt.decoder.decode_into(c.dst, src, scale.view(shape), extra)
             return
         lo, shape = window
         dequantize_into(c.dst, src, scale.view(shape), c.start, c.lt.scale.block, lo)

@@ -124,7 +124,7 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
                 target = planner.resolve_tensor(item).detach()
                 start, length = tuple(item.storage_offsets), tuple(item.lengths)
                 if self.gpu_pipeline is True or (self.gpu_pipeline == "auto" and target.is_cuda):
-                    filler.check(lt, length, target)
+                    filler.check(lt, length, target, start)
                     if pipe is None:
                         pipe = GpuPipeline(io, target.device, chunk_bytes=min(self.chunk_bytes, DEFAULT_PIPELINE_CHUNK),
                                            readers=self.readers)

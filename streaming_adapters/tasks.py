@@ -138,7 +138,9 @@ def verify_shards(sd, boxes, index, adapter) -> list[str]:
         lt = adapter.plan.logical[name]
         with safe_open(index.file_path(lt.stored.file), "pt") as f:
             w = f.get_tensor(name)
-        if lt.scale is not None:
+        if lt.decoder is not None:  # NVFP4: the whole-tensor decode of numerics/nvfp4.py (checked vs producers)
+            w = _decode_whole(index, lt)
+        elif lt.scale is not None:
             with safe_open(index.file_path(lt.scale.tensor.file), "pt") as f:
                 s = decode_scales(f.get_tensor(lt.scale.tensor.name), lt.scale.encoding).reshape(lt.scale.grid)
             for d, b in enumerate(lt.scale.block):
@@ -153,6 +155,19 @@ def verify_shards(sd, boxes, index, adapter) -> list[str]:
                                                         want.reshape(-1).view(torch.uint8)):
             bad.append(name)  # compared bit for bit: NaN == NaN, -0.0 != 0.0
     return bad
+
+
+def _decode_whole(index, lt) -> torch.Tensor:
+    from safetensors import safe_open
+
+    from .numerics import nvfp4
+
+    parts = []
+    for info in (lt.stored, lt.decoder.block_scale, lt.decoder.global_scale):
+        with safe_open(index.file_path(info.file), "pt") as f:
+            parts.append(f.get_tensor(info.name))
+    decode = nvfp4.dequantize_ct if lt.decoder.rule == "ct" else nvfp4.dequantize_modelopt
+    return decode(*parts)
 
 
 def convert(cfg, pf: Preflight) -> dict[str, Any]:

@@ -176,7 +176,8 @@ def _prefetch(plan: ConversionPlan, step: Step, rank: int, io: BoxReader) -> Non
     for p in step.pieces.get(rank, []):
         lt = plan.logical[p.tensor]
         if lt.shape:
-            io.prefetch(lt.stored, (p.r0,) + (0,) * (len(lt.shape) - 1), (p.r1 - p.r0, *lt.shape[1:]))
+            box = (p.r0,) + (0,) * (len(lt.shape) - 1), (p.r1 - p.r0, *lt.shape[1:])
+            io.prefetch(lt.stored, *(lt.decoder.stored_box(*box) if lt.decoder is not None else box))
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
@@ -220,7 +221,7 @@ def _run_step(plan: ConversionPlan, step: Step, rank: int, filler: BoxFiller, st
             continue
         buf = torch.empty(length, dtype=torch.bfloat16, device=dev)
         if pipe is not None:  # GPU: the whole step's reads go through one overlapped pipeline run
-            filler.check(lt, length, buf)
+            filler.check(lt, length, buf, start)
             chunks += split_box(lt, start, length, buf, pipe.max_elems(lt.stored.itemsize))
         else:
             filler.fill(lt, start, length, buf)

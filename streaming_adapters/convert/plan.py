@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..checkpoint.index import CheckpointIndex
-from ..errors import CheckpointError
+from ..errors import AlreadyNVFP4Error, CheckpointError
 from ..formats import LogicalTensor, StreamingFP8StateDictAdapter
 from .layout import FileLayout, OutputTensor, layout_file
 from .targets import NVFP4_GROUP, is_linear_weight, normalize_target, outputs_for
@@ -100,6 +100,14 @@ def make_plan(
 ) -> ConversionPlan:
     target, fmt = normalize_target(target, fmt)
     logical = dict(adapter.plan.logical)
+    if target == "nvfp4" and adapter.layout == "nvfp4":
+        raise AlreadyNVFP4Error(
+            f"the checkpoint is already NVFP4 ({adapter.name}): converting it to NVFP4 again would quantize "
+            "its decoded BF16 weights a second time",
+            file=str(index.path), expected="an FP8 (or BF16) checkpoint as the source of target='nvfp4'",
+            fix="use it as it is; to change its NVFP4 format or get BF16, convert it with target='bf16' "
+            "(recipe dequantize_bf16) and quantize that",
+        )
     user_ignore = list(ignore)
 
     def ignored(mod: str) -> bool:

@@ -19,12 +19,15 @@ import math
 import re
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping
 
 import torch
 
 from ..checkpoint.index import CheckpointIndex, TensorInfo
 from ..errors import MissingScaleError, ScaleLayoutError
+
+if TYPE_CHECKING:
+    from .decoder import BoxDecoder
 
 # How stored scale values become fp32 multipliers.
 #   float:       F32 / BF16 / F16 values, used as they are
@@ -56,6 +59,10 @@ class LogicalTensor:
     dtype: torch.dtype
     stored: TensorInfo
     scale: ScaleGrid | None = None
+    #: Layouts that are not one FP8 code per element times ``scale`` (NVFP4: two codes per byte and a
+    #: global scale) carry the object that reads and decodes their boxes (formats/decoder.py); the box
+    #: executors call it instead of the FP8 path.  ``stored`` is then in the decoder's own coordinates.
+    decoder: "BoxDecoder | None" = None
 
     @property
     def quantized(self) -> bool:

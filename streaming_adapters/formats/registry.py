@@ -83,21 +83,31 @@ def get_adapter(
     candidates = [c for (m, _), c in _REGISTRY.items() if m == method]
     if not candidates:
         raise UnknownFormatError(
-            f"no adapter is registered for quant_method {method!r}",
-            file=source, expected=f"one of the registered quant_methods: {_methods()}",
-            fix="register an adapter for it with @streaming_adapters.register_adapter (docs/adapters.md)",
+            f"quant_method {method!r} is not an FP8 or NVFP4 format this package reads (AWQ, GPTQ, MXFP4, "
+            "bitsandbytes... are other formats)",
+            file=source, expected=f"one of the supported formats: {_supported()}",
+            fix="load this checkpoint with its own library, or register an adapter for it with "
+            "@streaming_adapters.register_adapter (docs/adapters.md)",
         )
     chosen = [c for c in candidates if c.detect(qc, index)]
     if len(chosen) != 1:
         layouts = [c.layout for c in candidates]
+        scheme = {k: qc[k] for k in ("format", "quant_algo") if k in qc}
+        verdict = "it is not one of the FP8 / NVFP4 schemes this package reads" if not chosen else "ambiguous"
         raise UnknownFormatError(
-            f"{'no' if not chosen else 'more than one'} {method!r} adapter accepts this checkpoint's scale "
-            f"layout (tried {layouts}; accepted {[c.layout for c in chosen]})",
-            file=source, expected=f"scales in one of the layouts {layouts}",
+            f"{'no' if not chosen else 'more than one'} {method!r} adapter accepts this checkpoint ({scheme}; "
+            f"tried {layouts}, accepted {[c.layout for c in chosen]}): {verdict}",
+            file=source, expected=f"one of the supported formats: {_supported()}",
             fix="check quantization_config against the stored scales, or register an adapter for this layout",
         )
     adapter = chosen[0](qc, index)
     return adapter
+
+
+def _supported() -> str:
+    """``quant_method/layout (description)`` of every registered adapter, for error messages."""
+    return "; ".join(f"{m or 'none'}/{lay} ({c.description})" for (m, lay), c in
+                     sorted(_REGISTRY.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])))
 
 
 def _methods() -> list[str]:

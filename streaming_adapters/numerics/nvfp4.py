@@ -177,8 +177,7 @@ def dequantize_ct(
     packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
     """compressed-tensors decode: ``(fp32(LUT[q]) * fl(fp32(s8) / gs)).to(dtype)``, code 8 = -0.0."""
-    gs = global_scale.reshape(1).to(device=packed.device, dtype=torch.float32)
-    return _decode(packed, block_scale, lambda s: s / gs, negative_zero=True, dtype=dtype)
+    return _decode(packed, block_scale, global_scale, "ct", dtype)
 
 
 def quantize_modelopt(w: torch.Tensor, scale_2: torch.Tensor, *, use_triton: bool = True
@@ -212,8 +211,7 @@ def dequantize_modelopt(
     compressed-tensors' ``ModelOptNvfp4Converter`` stores ``1 / w2`` and decodes with ``s8 / (1 / w2)``: use
     ``dequantize_ct(packed, block_scale, 1 / scale_2)`` to reproduce that path bit for bit.
     """
-    w2 = scale_2.reshape(()).to(device=packed.device, dtype=torch.float32)
-    return _decode(packed, block_scale, lambda s: s * w2, negative_zero=False, dtype=dtype)
+    return _decode(packed, block_scale, scale_2, "modelopt", dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,9 +329,8 @@ def _encode(rows: torch.Tensor, s8: torch.Tensor, eff_of) -> torch.Tensor:
     return packed
 
 
-def _decode(packed, block_scale, eff_of, *, negative_zero: bool, dtype: torch.dtype) -> torch.Tensor:
-    """Gather two outputs per byte from a ``[256 scale bytes x 256 packed bytes]`` table of value pairs,
-    each computed as ``(fp32(LUT[code]) * eff_of(fp32(s8))).to(dtype)``."""
+def _decode(packed, block_scale, global_scale, rule: str, dtype: torch.dtype) -> torch.Tensor:
+    """Whole-tensor decode into a new tensor (see :func:`decode_box_into`)."""
     if packed.dtype != torch.uint8 or block_scale.dtype != torch.float8_e4m3fn:
         raise TypeError(f"expected uint8 packed and float8_e4m3fn scales, got {packed.dtype}, {block_scale.dtype}")
     k2 = packed.shape[-1]
@@ -341,24 +338,100 @@ def _decode(packed, block_scale, eff_of, *, negative_zero: bool, dtype: torch.dt
         raise ValueError(f"packed {tuple(packed.shape)} and block scale {tuple(block_scale.shape)} do not match")
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise TypeError(f"NVFP4 decodes to bf16, fp16 or fp32, not {dtype}")
-    dev = packed.device
+    out = torch.empty(*packed.shape[:-1], 2 * k2, dtype=dtype, device=packed.device)
+    decode_box_into(out, packed, block_scale, global_scale, rule=rule, method="torch")
+    return out
+
+
+RULES = ("ct", "modelopt")
+
+
+def effective_scales(block_scale: torch.Tensor, global_scale: torch.Tensor, rule: str) -> torch.Tensor:
+    """fp32 per-block multipliers, as each producer's decoder forms them: ``"ct"`` ``fl(fp32(s8) / gs)``
+    (compressed-tensors ``_process_quantization``: BF16 scale / fp32 ``[1]`` global scale, promoted to fp32),
+    ``"modelopt"`` ``fl(fp32(s8) * w2)`` (``NVFP4QTensor.dequantize``: ``scale.float() * double_scale``).
+    One IEEE fp32 operation against a device tensor (never a Python float: see the module docstring).
+    ``block_scale``: float8_e4m3fn, or fp32 holding E4M3 values."""
+    s = block_scale.float()
+    g = global_scale.reshape(()).to(device=s.device, dtype=torch.float32)
+    if rule == "ct":
+        return s / g
+    if rule == "modelopt":
+        return s * g
+    raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+
+
+def decode_box_into(out: torch.Tensor, packed: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor,
+                    *, rule: str, method: str = "auto") -> int:
+    """Decode a box of packed NVFP4 codes into ``out``, as the producer named by ``rule`` decodes::
+
+        out[.., c] = (fp32(LUT[code(.., c)]) * eff[.., c // 16]).to(out.dtype)     eff = effective_scales(..)
+
+    one fp32 product, one rounding; code 8 is -0.0 for ``"ct"`` (``unpack_fp4_from_uint8`` multiplies by
+    -1.0) and +0.0 for ``"modelopt"`` (its ``e2m1_values`` table).
+
+    Args:
+        out: ``[..., m]`` BF16 / FP16 / FP32, any strides (e.g. a column range of a DTensor's local shard);
+            the box starts on a 16-column block of the tensor.
+        packed: uint8 ``[..., m/2]``, any strides (e.g. a page-cache view); low nibble = even column.
+        block_scale: ``[..., m/16]`` float8_e4m3fn (or fp32 holding E4M3 values: the GPU pipeline's window).
+        global_scale: compressed-tensors ``weight_global_scale`` (``"ct"``) or ModelOpt ``weight_scale_2``.
+        method: ``"auto"`` (Triton on CUDA when it can run, else torch), ``"triton"`` or ``"torch"``.
+
+    Returns the largest scratch allocation in bytes.  The torch path gathers two outputs per packed byte from
+    a ``[256 scale bytes x 256 packed bytes]`` table of value pairs (256 KiB for BF16) built with the formula
+    itself, one row sub-chunk at a time (int32 index: 4 B per packed byte).
+    """
+    m = out.shape[-1]
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != (*out.shape[:-1], m // 2) or m % GROUP:
+        raise ValueError(f"out {tuple(out.shape)} / packed {tuple(packed.shape)} {packed.dtype}: need uint8 "
+                         f"[..., m/2], m a multiple of {GROUP}")
+    if tuple(block_scale.shape) != (*out.shape[:-1], m // GROUP):
+        raise ValueError(f"block scale {tuple(block_scale.shape)}: need {(*out.shape[:-1], m // GROUP)}")
+    if out.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"NVFP4 decodes to bf16, fp16 or fp32, not {out.dtype}")
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if out.numel() == 0:
+        return 0
+    if out.is_cuda and method in ("auto", "triton"):
+        from .triton_nvfp4 import decode_triton
+
+        eff = effective_scales(block_scale, global_scale, rule)
+        if decode_triton(out, packed, eff, negative_zero=rule == "ct"):
+            return eff.nbytes
+        if method == "triton":
+            raise ValueError("the Triton decode cannot take these inputs (see triton_nvfp4.decode_triton)")
+    if out.ndim == 1:
+        return decode_box_into(out[None], packed[None], block_scale[None], global_scale, rule=rule, method="torch")
+    if out.ndim > 2 and not out.is_contiguous():  # strided stacked experts: one 2-D problem each
+        return max(decode_box_into(o, p, s, global_scale, rule=rule, method="torch")
+                   for o, p, s in zip(out, packed, block_scale))
+    dev = out.device
+    s8 = block_scale if block_scale.dtype == torch.float8_e4m3fn else block_scale.to(torch.float8_e4m3fn)
+    s8 = s8.view(torch.uint8).reshape(-1, m // GROUP)
+    rows = out.reshape(-1, m)  # a view: 2-D, or contiguous N-D
+    p = packed.reshape(-1, m // 2)
     lut = torch.tensor(_E2M1 + tuple(-v for v in _E2M1), dtype=torch.float32, device=dev)
-    if not negative_zero:
-        lut[8] = 0.0  # ModelOpt's e2m1_values has +0 at code 8
-    all_scales = torch.arange(256, dtype=torch.uint8, device=dev).view(torch.float8_e4m3fn).float()
-    vals = (lut[None, :] * eff_of(all_scales)[:, None]).to(dtype)  # [256 s8, 16 codes]
+    if rule == "modelopt":
+        lut[8] = 0.0
+    all_scales = torch.arange(256, dtype=torch.uint8, device=dev).view(torch.float8_e4m3fn)
+    vals = (lut[None, :] * effective_scales(all_scales, global_scale, rule)[:, None]).to(out.dtype)  # [256, 16]
     byte = torch.arange(256, device=dev)
-    pairs = torch.stack([vals[:, byte & 15], vals[:, byte >> 4]], dim=-1)  # [256, 256, 2]: low nibble first
-    pair_dtype = {2: torch.int32, 4: torch.int64}[vals.element_size()]
-    table = pairs.contiguous().view(pair_dtype).view(-1)
-    p = packed.reshape(-1, k2)
-    n = p.shape[0]
-    off = block_scale.reshape(n, -1).view(torch.uint8).to(torch.int32) * 256
-    out = torch.empty(n, 2 * k2, dtype=dtype, device=dev)
-    step = _step(out)
-    for a in range(0, n, step):
-        b = min(n, a + step)
+    pair_dtype = {2: torch.int32, 4: torch.int64}[out.element_size()]
+    table = torch.stack([vals[:, byte & 15], vals[:, byte >> 4]], dim=-1).contiguous().view(pair_dtype).view(-1)
+    direct = rows.is_contiguous() and rows.storage_offset() % 2 == 0  # a pair of outputs as one int32/int64
+    step = max(1, (CPU_SUBCHUNK_ELEMS if dev.type == "cpu" else GPU_SUBCHUNK_ELEMS) // m)
+    peak = 0
+    for a in range(0, rows.shape[0], step):
+        b = min(rows.shape[0], a + step)
         idx = p[a:b].to(torch.int32).view(b - a, -1, GROUP // 2)
-        idx += off[a:b, :, None]
-        torch.index_select(table, 0, idx.view(-1), out=out[a:b].view(pair_dtype).view(-1))
-    return out.view(*packed.shape[:-1], 2 * k2)
+        idx += (s8[a:b].to(torch.int32) * 256)[:, :, None]
+        if direct:
+            torch.index_select(table, 0, idx.view(-1), out=rows[a:b].view(pair_dtype).view(-1))
+            peak = max(peak, idx.nbytes + table.nbytes)
+        else:
+            got = torch.index_select(table, 0, idx.view(-1))
+            rows[a:b].copy_(got.view(out.dtype).view(b - a, m))
+            peak = max(peak, idx.nbytes + table.nbytes + got.nbytes)
+    return peak

@@ -365,3 +365,93 @@ def _launch_2d(w2, packed, scale, gs, plan, producer, interpret, soft, fast):
     else:
         with torch.cuda.device(w2.device):
             _kernel(False)[grid](*args, **meta, num_warps=num_warps)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode: packed NVFP4 -> BF16 / FP32 (the CUDA path of nvfp4.decode_box_into)
+# --------------------------------------------------------------------------------------------------
+#
+#     out[r, c] = round(fp32(E2M1[code(r, c)]) * eff[r, c // 16])        eff = nvfp4.effective_scales(..)
+#
+# The E2M1 magnitude comes from the code bits by arithmetic (exact: mag * 0.5 below 2, mag - 2 in [2, 4],
+# (mag - 4) * 2 above), the sign is xor-ed onto the product's bits; code 8 is -0.0 (compressed-tensors) or
+# +0.0 (ModelOpt) by NEG_ZERO.  The one fp32
+# product feeds no add, so FMA contraction cannot change it.  BF16 rounding is done on the bits (RNE:
+# ``(b + 0x7FFF + (b >> 16 & 1)) >> 16``) because the interpreter truncates fp32 -> bf16; on the GPU it is
+# 4 integer ops per element against a memory-bound loop.  A program takes BLOCK_R rows x BLOCK_G blocks
+# (8 packed bytes -> 16 outputs each); row offsets are int64, in-row offsets int32 (m < 2**31).
+DECODE_TILE = (8, 32, 4)  # (BLOCK_R, BLOCK_G, num_warps): 2 KiB of codes -> 8 KiB of BF16 per program
+
+
+def _decode_nvfp4_kernel(
+    out_ptr, packed_ptr, eff_ptr, rows, n_blocks, out_stride, packed_stride, eff_stride,
+    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, NEG_ZERO: tl.constexpr, OUT_BF16: tl.constexpr,
+):  # fmt: skip
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    j = tl.arange(0, 8)
+    m2 = (r < rows)[:, None] & (g < n_blocks)[None, :]
+    m3 = m2[:, :, None] & (j < 8)[None, None, :]
+    r64 = r.to(tl.int64)
+    col = g[None, :, None] * 8 + j[None, None, :]  # packed byte column
+    byte = tl.load(packed_ptr + r64[:, None, None] * packed_stride + col, mask=m3, other=0).to(tl.int32)
+    eff = tl.load(eff_ptr + r64[:, None] * eff_stride + g[None, :], mask=m2, other=0.0)[:, :, None]
+    o = out_ptr + r64[:, None, None] * out_stride + col * 2
+    for half in tl.static_range(2):  # low nibble -> even column, high nibble -> odd column
+        code = (byte >> (4 * half)) & 15
+        mag = code & 7
+        magf = mag.to(tl.float32)
+        v = tl.where(mag < 4, magf * 0.5, tl.where(mag < 6, magf - 2.0, (magf - 4.0) * 2.0))
+        neg = (code & 8) != 0
+        if not NEG_ZERO:
+            neg = neg & (mag != 0)
+        # The sign goes on the product's bits (fl(-a * b) == -fl(a * b)): Triton's unary minus is 0 - v,
+        # which would turn -0.0 into +0.0.
+        b = (v * eff).to(tl.int32, bitcast=True) ^ (neg.to(tl.int32) << 31)
+        if OUT_BF16:
+            tl.store(o + half, ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).to(tl.int16), mask=m3)
+        else:
+            tl.store(o + half, b.to(tl.float32, bitcast=True), mask=m3)
+
+
+@functools.cache
+def _decode_kernel(interpret: bool):
+    return jit(_decode_nvfp4_kernel, interpret, ["rows", "n_blocks", "out_stride", "packed_stride", "eff_stride"])
+
+
+def decode_triton(out: torch.Tensor, packed: torch.Tensor, eff: torch.Tensor, *, negative_zero: bool,
+                  interpret: bool = False, tile=None) -> bool:
+    """Decode ``packed`` (uint8 ``[..., m/2]``) with fp32 block multipliers ``eff`` (``[..., m/16]``) into
+    ``out`` (BF16 or FP32 ``[..., m]``, unit inner stride).  False when it cannot run here or cannot take
+    these inputs (the caller then takes the torch path); ``interpret`` runs Triton's CPU interpreter."""
+    if not triton_importable() or not (interpret or triton_available()):
+        return False
+    if (not interpret and not out.is_cuda) or out.dtype not in (torch.bfloat16, torch.float32):
+        return False
+    m = out.shape[-1]
+    if m % GROUP or packed.dtype != torch.uint8 or tuple(packed.shape) != (*out.shape[:-1], m // 2):
+        return False
+    if out.numel() == 0:
+        return True
+    if out.stride(-1) != 1 or (m > 2 and packed.stride(-1) != 1) or m >= 2**31:
+        return False
+    eff = eff.to(device=out.device, dtype=torch.float32).contiguous()
+    outs, packs = _as_rows(out), _as_rows(packed)
+    if outs is not None and packs is not None:
+        todo = [(outs, packs, eff.view(-1, m // GROUP))]
+    else:  # leading dims that do not flatten into one row stride: one launch per 2-D slice
+        lead = list(itertools.product(*(range(n) for n in out.shape[:-2])))
+        todo = [(out[i], packed[i], eff[i]) for i in lead]
+    block_r, block_g, num_warps = tile or DECODE_TILE
+    for o2, p2, e2 in todo:
+        rows, n_blocks = o2.shape[0], m // GROUP
+        dst = o2.view(torch.int16) if o2.dtype == torch.bfloat16 else o2
+        grid = (triton.cdiv(rows, block_r), triton.cdiv(n_blocks, block_g))
+        args = (dst, p2, e2, rows, n_blocks, _row_stride(o2), _row_stride(p2), e2.stride(0) if rows > 1 else n_blocks)
+        meta = dict(BLOCK_R=block_r, BLOCK_G=block_g, NEG_ZERO=negative_zero, OUT_BF16=o2.dtype == torch.bfloat16)
+        if interpret:
+            _decode_kernel(True)[grid](*args, **meta)
+        else:
+            with torch.cuda.device(o2.device):
+                _decode_kernel(False)[grid](*args, **meta, num_warps=num_warps)
+    return True
