@@ -112,6 +112,7 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
 
     def _open(self, path, index: CheckpointIndex | None, adapter: StreamingFP8StateDictAdapter | None) -> None:
         """Headers, adapter and its plan of ``path``, all validated now (outside DCP's wrapped steps)."""
+        self._own_storage: dict[MetadataIndex, StreamingStorageInfo] | None = None
         self.index = index or CheckpointIndex.open(path, allow_pieces=True)
         self.adapter = adapter or get_adapter(path, index=self.index)
         if self.adapter.index is None:
@@ -169,18 +170,26 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
         return md
 
     # -- data ----------------------------------------------------------------------------------------
+    def _logical_of(self, index: MetadataIndex) -> LogicalTensor:
+        info = self.storage_data.get(index)
+        if isinstance(info, StreamingStorageInfo):
+            return info.logical
+        # storage_data set by hand with torch's plain _HFStorageInfo (torch's own tests do): the piece is
+        # looked up in this reader's metadata by the same index.
+        if self._own_storage is None:
+            self._own_storage = self.read_metadata().storage_data
+        return self._own_storage[index].logical
+
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         # Item offsets are relative to the stored piece (a whole tensor: the piece at offset 0).
-        items = sorted(
-            plan.items,
-            key=lambda it: (self.storage_data[it.storage_index].logical.stored.file,
-                            self.storage_data[it.storage_index].logical.stored.begin, tuple(it.storage_offsets)),
-        )
+        source = {it.storage_index: self._logical_of(it.storage_index) for it in plan.items}
+        items = sorted(plan.items, key=lambda it: (source[it.storage_index].stored.file,
+                                                   source[it.storage_index].stored.begin, tuple(it.storage_offsets)))
         with BoxReader(self.index.path, self.io_backend) as io:
             filler = BoxFiller(io, self.chunk_bytes)
             pipe, chunks, done = None, [], []
             for item in items:
-                lt: LogicalTensor = self.storage_data[item.storage_index].logical
+                lt = source[item.storage_index]
                 target = planner.resolve_tensor(item).detach()
                 start, length = tuple(item.storage_offsets), tuple(item.lengths)
                 if self.gpu_pipeline is True or (self.gpu_pipeline == "auto" and target.is_cuda):
