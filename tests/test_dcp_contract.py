@@ -404,3 +404,43 @@ def test_fused_per_expert_scale_of_wrong_shape_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"per-tensor scale of shape \[3, 3, 1\]") as e:
         sa.StreamingFP8StorageReader(tmp_path)
     assert e.value.tensor == f"{PREFIX}.gate_up_proj_scale_inv"
+
+
+def test_fused_fp8_experts_fill_a_transformers_model(checkpoints, tmp_path):
+    """End to end: a Qwen3-MoE checkpoint whose experts are stored fused (transformers' own Fp8Quantize on
+    gate_up [E, 2I, H] / down [E, H, I], 32x32 blocks) fills the real transformers model's fused expert
+    parameters through load_fp8_checkpoint (identity key mapping), bit for bit."""
+    import model_bodies as B
+
+    base = checkpoints("qwen3_moe", "fp8_block")
+    ref = reference_state_dict(base)  # the per-expert checkpoint's values (BF16, routers F32)
+    cfg = json.loads((base / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [32, 32], "activation_scheme": "dynamic"}
+    tensors = {k: v for k, v in ref.items() if ".mlp.experts." not in k}  # the rest stored unquantized
+    want = dict(tensors)
+    prefixes = sorted({k.split(".experts.")[0] for k in ref if ".mlp.experts." in k})
+    n = 1 + max(int(k.split(".experts.")[1].split(".")[0]) for k in ref if ".mlp.experts." in k)
+    for prefix in prefixes:
+        fused = {
+            f"{prefix}.experts.gate_up_proj": torch.stack([torch.cat(
+                [ref[f"{prefix}.experts.{e}.gate_proj.weight"], ref[f"{prefix}.experts.{e}.up_proj.weight"]])
+                for e in range(n)]),
+            f"{prefix}.experts.down_proj": torch.stack([ref[f"{prefix}.experts.{e}.down_proj.weight"] for e in range(n)]),
+        }
+        for name, w in fused.items():
+            q = _transformers_quantize(name, w, [32, 32])
+            tensors.update(q)
+            codes, scale = q[name].float(), q[name + "_scale_inv"]
+            want[name] = (codes * scale.repeat_interleave(32, 1).repeat_interleave(32, 2)).to(torch.bfloat16)
+    path = tmp_path / "fused"
+    path.mkdir()
+    save_file(tensors, path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(cfg))
+    model = B.meta_model(path)
+    B.materialize(model)
+    report = sa.load_fp8_checkpoint(model, path)
+    assert report.quantized == 2 * len(prefixes)
+    sd = model.state_dict()
+    assert f"{PREFIX}.gate_up_proj" in sd and set(want) <= set(sd)
+    for k, v in want.items():
+        assert_bit_equal(sd[k], v.to(sd[k].dtype), k)
