@@ -118,7 +118,8 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
         if self.adapter.index is None:
             self.adapter.bind(self.index)
         for lt in self.adapter.plan.logical.values():
-            sharded = [t for t in ((lt.stored, lt.scale.tensor) if lt.scale else ()) if isinstance(t, ShardedTensorInfo)]
+            stored = (lt.stored, lt.scale.tensor) if lt.scale is not None else ()
+            sharded = [t for t in stored if isinstance(t, ShardedTensorInfo)]
             if sharded:
                 raise CheckpointError(
                     "an FP8 weight or its scale is stored in DCP pieces across files: its blocks would be "

@@ -9,7 +9,8 @@
 * ``read_metadata().storage_data`` values are torch's ``_HFStorageInfo`` (a subclass).
 * FP8 MoE checkpoints with fused experts and per-expert scales (transformers 5.25's own quantizer writes
   them; Mistral-4 per-expert scales) load bit-exactly, also into TP shards that cut through scale blocks.
-* Our errors reach the caller of plain ``dcp.load`` as ordinary exceptions.
+* Our errors about the checkpoint reach the caller of plain ``dcp.load`` as ordinary exceptions (damage
+  found only while reading bytes is wrapped by DCP's read step; ``load_fp8_state_dict`` unwraps it).
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ import streaming_adapters as sa
 from helpers import assert_bit_equal, poisoned_like
 from reference import reference_state_dict
 from streaming_adapters.checkpoint.index import CheckpointIndex, ShardedTensorInfo
-from streaming_adapters.errors import CheckpointError, CorruptCheckpointError, DestinationError, MissingScaleError
+from streaming_adapters.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    DestinationError,
+    MissingScaleError,
+    ScaleLayoutError,
+)
 from streaming_adapters.testing.dist_pool import ProcessGroupPool
 
 pytestmark = [pytest.mark.dist, pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
@@ -157,7 +164,8 @@ def test_torch_writer_output_is_what_we_think(saved):
                                        "shard-00002-model-00001-of-00001.safetensors"]
     h2 = _header(files[1])
     info = json.loads(h2["__metadata__"]["DCP_SHARDING_INFO"])
-    assert info["tok_embeddings.weight"]["saved_offsets"] == [19, 0] and h2["tok_embeddings.weight"]["shape"] == [18, 16]
+    assert info["tok_embeddings.weight"]["saved_offsets"] == [19, 0]
+    assert h2["tok_embeddings.weight"]["shape"] == [18, 16]
     assert h2["layers.0.one_row"]["shape"] == [0, 8]  # the empty shard is written
     idx = CheckpointIndex.open(saved["sharded_2files"], allow_pieces=True)
     assert len({f for f in (p.file for _, p in idx["tok_embeddings.weight"].pieces)}) == 2
@@ -291,6 +299,29 @@ def test_plain_dcp_load_raises_our_errors_not_checkpoint_exception(checkpoints, 
                 pytest.fail(f"{bad.name} via {how} loaded")
 
 
+def test_damage_found_while_reading_bytes_is_wrapped_by_dcp_and_unwrapped_by_us(checkpoints, tmp_path):
+    """The boundary (docs/architecture.md): a NaN in a scale block shows only when that block is read,
+    inside DCP's read step, which wraps every exception in CheckpointException (a BaseException);
+    load_fp8_state_dict raises our error itself."""
+    from safetensors.torch import load_file
+
+    nan = tmp_path / "nan"
+    shutil.copytree(checkpoints("llama", "fp8_block"), nan)
+    w, s = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.weight_scale_inv"
+    f = nan / json.loads((nan / "model.safetensors.index.json").read_text())["weight_map"][s]
+    t = load_file(f)
+    t[s][0, 0] = float("nan")
+    save_file(t, f)
+    shape = reference_state_dict(checkpoints("llama", "fp8_block"))[w].shape
+    reader = sa.StreamingFP8StorageReader(nan)  # the headers are fine: no error yet
+    with pytest.raises(CheckpointException) as e:
+        dcp.load({w: torch.zeros(shape, dtype=torch.bfloat16)}, storage_reader=reader)
+    (_exc, _tb), = e.value.failures.values()
+    assert isinstance(_exc, ScaleLayoutError) and "not finite" in str(_exc)
+    with pytest.raises(ScaleLayoutError, match="not finite"):
+        sa.load_fp8_state_dict({w: torch.zeros(shape, dtype=torch.bfloat16)}, nan)
+
+
 # -- FP8 MoE with fused experts and per-expert scales -----------------------------------------------------
 E, INTER, HIDDEN = 3, 40, 48   # gate_up [3, 80, 48], down [3, 48, 40]
 PREFIX = "model.layers.0.mlp.experts"
@@ -375,7 +406,8 @@ def fused_tp_body(path: str, dim: int) -> int:
 
     mesh = init_device_mesh("cpu", (2,))
     want = _expected_from_files(path)
-    sd = {k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(dim)]) for k, v in want.items() if k.startswith(PREFIX)}
+    sd = {k: distribute_tensor(torch.zeros_like(v), mesh, [Shard(dim)])
+          for k, v in want.items() if k.startswith(PREFIX)}
     dcp.load(sd, storage_reader=sa.StreamingFP8StorageReader(path))
     for k, v in sd.items():
         assert_bit_equal(v.full_tensor(), want[k], k)
@@ -425,7 +457,8 @@ def test_fused_fp8_experts_fill_a_transformers_model(checkpoints, tmp_path):
             f"{prefix}.experts.gate_up_proj": torch.stack([torch.cat(
                 [ref[f"{prefix}.experts.{e}.gate_proj.weight"], ref[f"{prefix}.experts.{e}.up_proj.weight"]])
                 for e in range(n)]),
-            f"{prefix}.experts.down_proj": torch.stack([ref[f"{prefix}.experts.{e}.down_proj.weight"] for e in range(n)]),
+            f"{prefix}.experts.down_proj": torch.stack(
+                [ref[f"{prefix}.experts.{e}.down_proj.weight"] for e in range(n)]),
         }
         for name, w in fused.items():
             q = _transformers_quantize(name, w, [32, 32])
