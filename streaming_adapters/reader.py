@@ -37,7 +37,7 @@ DCP contract (what torch's own ``HuggingFaceStorageReader`` promises, kept here)
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -69,6 +69,16 @@ class StreamingStorageInfo(_HFStorageInfo):
     (for a piece: the piece, with its own shape; for an FP8 weight: the weight with its scale grid)."""
 
     logical: LogicalTensor
+
+
+# Older torch releases carried the tensor's byte offset and length in the file too (5 fields, same names).
+_BYTE_RANGE_FIELDS = {"offset", "length"} <= {f.name for f in fields(_HFStorageInfo)}
+
+
+def _storage_info(path: str, part: LogicalTensor) -> StreamingStorageInfo:
+    kw = {"offset": part.stored.begin, "length": part.stored.nbytes} if _BYTE_RANGE_FIELDS else {}
+    return StreamingStorageInfo(relative_path=path, shape=torch.Size(part.stored.shape),
+                                dtype=part.stored.torch_dtype, logical=part, **kw)
 
 
 class StreamingFP8StorageReader(HuggingFaceStorageReader):
@@ -158,10 +168,8 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
             chunks = []
             for offs, part in parts:
                 chunks.append(ChunkStorageMetadata(offsets=torch.Size(offs), sizes=torch.Size(part.shape)))
-                storage[MetadataIndex(fqn=name, offset=torch.Size(offs))] = StreamingStorageInfo(
-                    relative_path=str(self.index.file_path(part.stored.file)), shape=torch.Size(part.stored.shape),
-                    dtype=part.stored.torch_dtype, logical=part,
-                )
+                storage[MetadataIndex(fqn=name, offset=torch.Size(offs))] = _storage_info(
+                    str(self.index.file_path(part.stored.file)), part)
             sd_md[name] = TensorStorageMetadata(
                 properties=TensorProperties(dtype=lt.dtype), size=torch.Size(lt.shape), chunks=chunks,
             )

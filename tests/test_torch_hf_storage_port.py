@@ -63,11 +63,13 @@ def test_read_data_hf(tmp_path):
     """torch: read_data fills the planner's target from storage_data built by hand with _HFStorageInfo."""
     tensor_0 = torch.tensor([1.0, 2.0, 3.0, 4.0])
     file_path = tmp_path / "model-00001-of-00001.safetensors"
-    _write_raw_safetensors(file_path, {"tensor_0": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
-                           tensor_0.numpy().tobytes())
+    data_start = _write_raw_safetensors(
+        file_path, {"tensor_0": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, tensor_0.numpy().tobytes())
     reader = StreamingFP8StorageReader(str(tmp_path))
-    storage_data = {MetadataIndex(fqn="tensor_0", offset=torch.Size([0]), index=None):
-                    _HFStorageInfo(str(file_path), tensor_0.shape, tensor_0.dtype)}
+    # Older torch releases' _HFStorageInfo also has the tensor's byte offset and length in the file.
+    byte_range = {"offset": data_start, "length": 16} if "offset" in _HFStorageInfo.__dataclass_fields__ else {}
+    storage_data = {MetadataIndex(fqn="tensor_0", offset=torch.Size([0]), index=None): _HFStorageInfo(
+        relative_path=str(file_path), shape=tensor_0.shape, dtype=tensor_0.dtype, **byte_range)}
     reader.storage_data = storage_data
     state_dict = {"tensor_0": torch.zeros(4)}
     planner = DefaultLoadPlanner()
