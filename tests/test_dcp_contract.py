@@ -399,6 +399,19 @@ def test_fused_expert_scales_load_bit_exact(fused, kind):
         assert_bit_equal(sd[k], want[k], k)
 
 
+def test_fused_experts_convert_to_bf16_and_are_refused_for_nvfp4(fused, tmp_path):
+    from safetensors.torch import load_file
+
+    path, want = fused["block"]
+    sa.convert_checkpoint(path, str(tmp_path / "bf16"), target="bf16")
+    got = load_file(tmp_path / "bf16" / "model.safetensors")
+    for k in want:
+        assert_bit_equal(got[k], want[k], k)
+    with pytest.raises(CheckpointError, match="fused experts") as e:
+        sa.convert_checkpoint(path, str(tmp_path / "nvfp4"), target="nvfp4")
+    assert "target=bf16" in e.value.fix and e.value.tensor.startswith(f"{PREFIX}.")
+
+
 def fused_tp_body(path: str, dim: int) -> int:
     """TP over the fused rows (dim 1: 80 rows -> 40 per rank, cutting a 16-row block) or columns (dim 2)."""
     from torch.distributed.device_mesh import init_device_mesh
