@@ -71,7 +71,7 @@ def load_fp8_state_dict(
     reader = None
     missing: list[str] = []
     try:
-        index = CheckpointIndex.open(checkpoint_path)
+        index = CheckpointIndex.open(checkpoint_path, allow_pieces=True)
         adapter = get_adapter(checkpoint_path, index=index)
         hidden_wanted = {k for k in state_dict if k in adapter.plan.hidden}
         reader = StreamingFP8StorageReader(

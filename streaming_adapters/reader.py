@@ -16,14 +16,33 @@ Memory model (per rank): no full-tensor or full-model temporary.  A box is proce
 ``chunk_bytes`` of codes; on CPU with the mmap backend the codes are page-cache views (no anonymous
 memory) and the dequantization scratch is one sub-chunk (~5 MiB); with ``pread`` or a CUDA destination the
 chunk's codes are staged once (1 byte/element) and the GPU scratch is bounded by the chunk.
+
+DCP contract (what torch's own ``HuggingFaceStorageReader`` promises, kept here):
+
+* ``reset(checkpoint_id)`` -- ``dcp.load(..., checkpoint_id=B)`` calls it -- re-opens the headers and the
+  adapter of ``B`` (the reader was built for ``A``): the load reads ``B``'s bytes.
+* A tensor saved in pieces by torch's distributed HF save (``DCP_SHARDING_INFO``) shows one chunk per piece
+  at its offsets, like torch's reader, and DCP's planner intersects each destination shard with each
+  piece: any world size and layout loads what any other saved, bit for bit.
+* ``read_metadata().storage_data`` values are :class:`StreamingStorageInfo`, a subclass of torch's
+  ``_HFStorageInfo`` (the piece's file, stored shape and dtype) carrying the tensor to fill from.
+* Everything a user can get wrong in the checkpoint (headers, scale pairing, layouts) is checked when the
+  reader is built or reset, i.e. before ``dcp.load`` enters its collective steps: our ``CheckpointError``
+  reaches the caller of plain ``dcp.load`` as an ordinary exception, not wrapped in DCP's
+  ``CheckpointException`` (a ``BaseException``).  Damage found only while reading tensor bytes (a scale
+  that is not finite, a file truncated during the load) is raised inside DCP's read step, which wraps it;
+  :func:`~streaming_adapters.load.load_fp8_state_dict` unwraps those.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint import HuggingFaceStorageReader
+from torch.distributed.checkpoint._hf_utils import _HFStorageInfo
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -36,10 +55,30 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.futures import Future
 
 from .checkpoint.byteio import BoxReader
-from .checkpoint.index import CheckpointIndex
+from .checkpoint.index import CheckpointIndex, ShardedTensorInfo
+from .errors import CheckpointError
 from .fill import DEFAULT_CHUNK_BYTES, BoxFiller
 from .pipeline import DEFAULT_PIPELINE_CHUNK, GpuPipeline, split_box
 from .formats import LogicalTensor, StreamingFP8StateDictAdapter, get_adapter
+
+
+@dataclass
+class StreamingStorageInfo(_HFStorageInfo):
+    """torch's per-entry storage info -- ``relative_path`` (the file, as torch's reader gives it: the full
+    path), ``shape`` and ``dtype`` of the piece as stored -- plus the logical tensor this reader fills from
+    (for a piece: the piece, with its own shape; for an FP8 weight: the weight with its scale grid)."""
+
+    logical: LogicalTensor
+
+
+# Older torch releases carried the tensor's byte offset and length in the file too (5 fields, same names).
+_BYTE_RANGE_FIELDS = {"offset", "length"} <= {f.name for f in fields(_HFStorageInfo)}
+
+
+def _storage_info(path: str, part: LogicalTensor) -> StreamingStorageInfo:
+    kw = {"offset": part.stored.begin, "length": part.stored.nbytes} if _BYTE_RANGE_FIELDS else {}
+    return StreamingStorageInfo(relative_path=path, shape=torch.Size(part.stored.shape),
+                                dtype=part.stored.torch_dtype, logical=part, **kw)
 
 
 class StreamingFP8StorageReader(HuggingFaceStorageReader):
@@ -69,10 +108,7 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
         readers: int = 8,
     ) -> None:
         super().__init__(path=str(path))
-        self.index = index or CheckpointIndex.open(path)
-        self.adapter = adapter or get_adapter(path, index=self.index)
-        if self.adapter.index is None:
-            self.adapter.bind(self.index)
+        self._open(path, index, adapter)
         self.chunk_bytes = int(chunk_bytes)
         self.io_backend = io_backend
         self.include_hidden = include_hidden
@@ -84,6 +120,34 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
         self.quantized_read = 0
         self.timings: dict[str, float] = {}
 
+    def _open(self, path, index: CheckpointIndex | None, adapter: StreamingFP8StateDictAdapter | None) -> None:
+        """Headers, adapter and its plan of ``path``, all validated now (outside DCP's wrapped steps)."""
+        self._own_storage: dict[MetadataIndex, StreamingStorageInfo] | None = None
+        self.index = index or CheckpointIndex.open(path, allow_pieces=True)
+        self.adapter = adapter or get_adapter(path, index=self.index)
+        if self.adapter.index is None:
+            self.adapter.bind(self.index)
+        for lt in self.adapter.plan.logical.values():
+            stored = (lt.stored, lt.scale.tensor) if lt.scale is not None else ()
+            sharded = [t for t in stored if isinstance(t, ShardedTensorInfo)]
+            if sharded:
+                raise CheckpointError(
+                    "an FP8 weight or its scale is stored in DCP pieces across files: its blocks would be "
+                    "dequantized against the wrong scales",
+                    file=str(self.index.path), tensor=sharded[0].name,
+                    expected="FP8 weights and their scales each whole in one file (DCP pieces are read for "
+                    "unquantized tensors)",
+                    fix="consolidate the checkpoint (HuggingFaceStorageWriter(enable_consolidation=True)) or "
+                    "save the FP8 weights with save_distributed=False",
+                )
+
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        """``dcp.load(..., checkpoint_id=...)`` calls this: a new path means a new checkpoint, so its
+        headers and adapter are opened (a reader built for checkpoint A then loads B, not A's bytes)."""
+        super().reset(checkpoint_id)
+        if checkpoint_id is not None and Path(checkpoint_id).resolve() != self.index.path:
+            self._open(checkpoint_id, None, None)
+
     # -- metadata ------------------------------------------------------------------------------------
     def logical_tensors(self) -> dict[str, LogicalTensor]:
         plan = self.adapter.plan
@@ -93,34 +157,48 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
                 out[name] = LogicalTensor(name, info.shape, info.torch_dtype, info, None)
         return out
 
-    def read_metadata(self, *args, **kwargs) -> Metadata:
+    def read_metadata(self) -> Metadata:
         sd_md: dict[str, TensorStorageMetadata] = {}
-        storage: dict[MetadataIndex, LogicalTensor] = {}
+        storage: dict[MetadataIndex, StreamingStorageInfo] = {}
         for name, lt in self.logical_tensors().items():
-            zeros = torch.Size([0] * len(lt.shape))
+            if isinstance(lt.stored, ShardedTensorInfo):  # plain tensors only (FP8 pieces refused in _open)
+                parts = [(offs, LogicalTensor(name, p.shape, lt.dtype, p, None)) for offs, p in lt.stored.pieces]
+            else:
+                parts = [((0,) * len(lt.shape), lt)]
+            chunks = []
+            for offs, part in parts:
+                chunks.append(ChunkStorageMetadata(offsets=torch.Size(offs), sizes=torch.Size(part.shape)))
+                storage[MetadataIndex(fqn=name, offset=torch.Size(offs))] = _storage_info(
+                    str(self.index.file_path(part.stored.file)), part)
             sd_md[name] = TensorStorageMetadata(
-                properties=TensorProperties(dtype=lt.dtype),
-                size=torch.Size(lt.shape),
-                chunks=[ChunkStorageMetadata(offsets=zeros, sizes=torch.Size(lt.shape))],
+                properties=TensorProperties(dtype=lt.dtype), size=torch.Size(lt.shape), chunks=chunks,
             )
-            storage[MetadataIndex(fqn=name, offset=zeros)] = lt
         md = Metadata(state_dict_metadata=sd_md, storage_data=storage)  # type: ignore[arg-type]
         md.storage_meta = StorageMeta()
         md.storage_meta.load_id = self.load_id
         return md
 
     # -- data ----------------------------------------------------------------------------------------
+    def _logical_of(self, index: MetadataIndex) -> LogicalTensor:
+        info = self.storage_data.get(index)
+        if isinstance(info, StreamingStorageInfo):
+            return info.logical
+        # storage_data set by hand with torch's plain _HFStorageInfo (torch's own tests do): the piece is
+        # looked up in this reader's metadata by the same index.
+        if self._own_storage is None:
+            self._own_storage = self.read_metadata().storage_data
+        return self._own_storage[index].logical
+
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        items = sorted(
-            plan.items,
-            key=lambda it: (self.storage_data[it.storage_index].stored.file,
-                            self.storage_data[it.storage_index].stored.begin, tuple(it.storage_offsets)),
-        )
+        # Item offsets are relative to the stored piece (a whole tensor: the piece at offset 0).
+        source = {it.storage_index: self._logical_of(it.storage_index) for it in plan.items}
+        items = sorted(plan.items, key=lambda it: (source[it.storage_index].stored.file,
+                                                   source[it.storage_index].stored.begin, tuple(it.storage_offsets)))
         with BoxReader(self.index.path, self.io_backend) as io:
             filler = BoxFiller(io, self.chunk_bytes)
             pipe, chunks, done = None, [], []
             for item in items:
-                lt: LogicalTensor = self.storage_data[item.storage_index]
+                lt = source[item.storage_index]
                 target = planner.resolve_tensor(item).detach()
                 start, length = tuple(item.storage_offsets), tuple(item.lengths)
                 if self.gpu_pipeline is True or (self.gpu_pipeline == "auto" and target.is_cuda):

@@ -6,6 +6,13 @@ equals ``numel * itemsize`` and lies inside the file (a truncated download fails
 the first tensor that is cut off).  File names from ``model.safetensors.index.json`` must stay inside the
 checkpoint folder.
 
+A tensor may also be stored in *pieces* across files: torch DCP's distributed HF save
+(``HuggingFaceStorageWriter(save_distributed=True)``, torchtitan's HF save) writes each rank's shard to its
+own file and records the shard's offsets in the full tensor in the header's ``__metadata__``
+(``DCP_SHARDING_INFO``).  Such a tensor becomes one :class:`ShardedTensorInfo` whose pieces must tile the
+full tensor exactly (no gap: a shard file is missing; no overlap: two saves mixed); only readers that read
+piece by piece (the DCP reader) accept it (``allow_pieces=True``).
+
 Memory: headers only (DeepSeek-V3: 163 files, ~92k entries, ~15 MB of JSON parsed once per rank).
 """
 
@@ -22,7 +29,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from ..errors import CorruptCheckpointError, UnsafePathError
+from ..errors import CheckpointError, CorruptCheckpointError, UnsafePathError
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
@@ -98,7 +105,10 @@ class CheckpointIndex:
     file_sizes: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "CheckpointIndex":
+    def open(cls, path: str | os.PathLike, *, allow_pieces: bool = False) -> "CheckpointIndex":
+        """Open and validate every header of the folder ``path``.  ``allow_pieces``: accept tensors saved
+        in pieces across files (:class:`ShardedTensorInfo`); callers that read ``TensorInfo`` bytes whole
+        (conversion) leave it off and get an error that says how to consolidate."""
         root = Path(path)
         if not root.is_dir():
             raise CorruptCheckpointError(
@@ -122,6 +132,7 @@ class CheckpointIndex:
                 fix="check the path; .bin/.pt checkpoints must be converted to safetensors first",
             )
         tensors: dict[str, TensorInfo] = {}
+        pieces: dict[str, list[tuple[tuple[int, ...], TensorInfo]]] = {}
         sizes: dict[str, int] = {}
         for rel in files:
             full = _safe_join(root, rel, source=INDEX_NAME if weight_map is not None else "folder listing")
@@ -134,9 +145,14 @@ class CheckpointIndex:
                     fix="re-download the checkpoint; the download is incomplete",
                 )
             sizes[rel] = full.stat().st_size
-            for info in _parse_header(full, rel, sizes[rel]):
+            infos = _parse_header(full, rel, sizes[rel])
+            offsets = _dcp_sharding_info(full, infos)
+            for info in infos:
                 if weight_map is not None and weight_map.get(info.name, rel) != rel:
                     continue  # the index says this name lives elsewhere; trust the index, like transformers
+                if info.name in offsets:
+                    pieces.setdefault(info.name, []).append((offsets[info.name], info))
+                    continue
                 if info.name in tensors:
                     raise CorruptCheckpointError(
                         "the same tensor is stored in two files",
@@ -146,6 +162,15 @@ class CheckpointIndex:
                         fix="add a model.safetensors.index.json that says which file holds it, or remove one copy",
                     )
                 tensors[info.name] = info
+        for name, parts in pieces.items():
+            if name in tensors:
+                raise CorruptCheckpointError(
+                    "the same tensor is stored whole in one file and as a DCP shard in another",
+                    file=f"{tensors[name].file} and {parts[0][1].file}", tensor=name,
+                    expected="each tensor either whole in one file or in DCP_SHARDING_INFO pieces",
+                    fix="the folder mixes two saves: keep one of them",
+                )
+            tensors[name] = _merge_pieces(root, name, parts, allow_pieces)
         if weight_map is not None:
             missing = [k for k in weight_map if k not in tensors]
             if missing:
@@ -180,6 +205,11 @@ class CheckpointIndex:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
+
+    @property
+    def sharded(self) -> dict[str, "ShardedTensorInfo"]:
+        """Tensors stored in pieces across files (torch DCP distributed save)."""
+        return {k: v for k, v in self.tensors.items() if isinstance(v, ShardedTensorInfo)}
 
     def file_path(self, rel: str) -> Path:
         return self.path / rel
@@ -296,3 +326,106 @@ def _parse_header(full: Path, rel: str, size: int) -> list[TensorInfo]:
             )
         out.append(TensorInfo(name, rel, dtype, tuple(shape), data_start + offs[0], data_start + offs[1]))
     return out
+
+
+# -- tensors in pieces (torch DCP distributed HF save) --------------------------------------------------
+DCP_SHARDING_KEY = "DCP_SHARDING_INFO"  # torch.distributed.checkpoint._hf_utils.CUSTOM_METADATA_KEY
+
+
+@dataclass(frozen=True)
+class ShardedTensorInfo(TensorInfo):
+    """A tensor stored as pieces in several files.  ``shape`` is the full tensor's; ``file`` / ``begin`` /
+    ``end`` are the first piece's and do not describe the whole: read it through ``pieces``, each the
+    piece's offsets in the full tensor and the piece as stored (its own shape, file and bytes)."""
+
+    pieces: tuple[tuple[tuple[int, ...], TensorInfo], ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for _, p in self.pieces)
+
+
+def _dcp_sharding_info(full: Path, infos: list[TensorInfo]) -> dict[str, tuple[int, ...]]:
+    """Name -> offsets in the full tensor, from ``__metadata__["DCP_SHARDING_INFO"]`` (a JSON string of
+    ``{name: {"saved_offsets": [...]}}``), or ``{}`` for a file without it.  The header is read a second
+    time only when its bytes name the key (files of other writers pay one substring search)."""
+    with open(full, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(n)
+    if DCP_SHARDING_KEY.encode() not in raw:
+        return {}
+    meta = json.loads(raw).get("__metadata__")
+    text = meta.get(DCP_SHARDING_KEY) if isinstance(meta, dict) else None
+    if text is None:
+        return {}
+    shapes = {i.name: i.shape for i in infos}
+    try:
+        info = json.loads(text)
+        out = {name: tuple(entry["saved_offsets"]) for name, entry in info.items() if name in shapes}
+    except (TypeError, KeyError, AttributeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(
+            f"__metadata__.{DCP_SHARDING_KEY} is not a JSON map of saved_offsets ({e!r})", file=str(full),
+            expected='{"<tensor>": {"saved_offsets": [int, ...]}, ...}',
+            fix="the file is damaged or not a torch DCP distributed save: re-save it",
+        ) from None
+    for name, offs in out.items():
+        if len(offs) != len(shapes[name]) or not all(isinstance(o, int) and o >= 0 for o in offs):
+            raise CorruptCheckpointError(
+                f"saved_offsets {list(offs)} do not fit a tensor of {len(shapes[name])} dims",
+                file=str(full), tensor=name, expected=f"{len(shapes[name])} non-negative ints",
+                fix="the file is damaged or not a torch DCP distributed save: re-save it",
+            )
+    return out
+
+
+def _merge_pieces(
+    root: Path, name: str, parts: list[tuple[tuple[int, ...], TensorInfo]], allow_pieces: bool
+) -> TensorInfo:
+    """One tensor from its pieces: check they share a dtype and tile the full tensor (its shape is the
+    pieces' bounding box, as torch's own reader computes it).  A single piece at offset 0 is a plain tensor."""
+    files = sorted({p.file for _, p in parts})
+    dtypes = {p.dtype for _, p in parts}
+    if len(dtypes) != 1:
+        raise CorruptCheckpointError(
+            f"the pieces of a DCP-sharded tensor have different dtypes {sorted(dtypes)}",
+            file=", ".join(files[:4]), tensor=name, expected="one dtype for every piece",
+            fix="the folder mixes two saves: keep one of them",
+        )
+    shape = tuple(max(offs[d] + p.shape[d] for offs, p in parts) for d in range(len(parts[0][1].shape)))
+    # Empty pieces (a rank that held 0 rows of an uneven shard) carry no bytes; dropping them keeps every
+    # piece's offsets distinct, which DCP's metadata index needs.
+    solid = [(o, p) for o, p in parts if p.numel > 0] or parts[:1]
+    if len(solid) == 1 and not any(solid[0][0]) and solid[0][1].shape == shape:
+        return solid[0][1]
+    _check_tiling(name, shape, solid, files)
+    if not allow_pieces:
+        raise CheckpointError(
+            f"the tensor is stored in {len(solid)} pieces across files (a torch DCP distributed save), and "
+            "this operation reads whole tensors",
+            file=str(root), tensor=name, expected="each tensor whole in one file",
+            fix="load it with StreamingFP8StorageReader / load_fp8_state_dict (they read the pieces), or "
+            "consolidate it first: HuggingFaceStorageWriter(save_distributed=True, enable_consolidation=True) "
+            "or torch.distributed.checkpoint._consolidate_hf_safetensors.consolidate_safetensors_files",
+        )
+    solid.sort(key=lambda op: op[0])
+    first = solid[0][1]
+    return ShardedTensorInfo(name, first.file, first.dtype, shape, first.begin, first.end, tuple(solid))
+
+
+def _check_tiling(name: str, shape: tuple[int, ...], parts, files: list[str]) -> None:
+    """Pieces tile ``shape`` exactly: no two overlap and their volumes add up to the whole.  Vectorised
+    over piece pairs (P^2 x ndim booleans; FSDP over 64 ranks is 4096 pairs per tensor)."""
+    lo = torch.tensor([o for o, _ in parts], dtype=torch.int64).view(len(parts), len(shape))
+    hi = lo + torch.tensor([p.shape for _, p in parts], dtype=torch.int64).view(len(parts), len(shape))
+    overlap = ((lo[:, None] < hi[None]) & (lo[None] < hi[:, None])).all(-1)
+    overlap.fill_diagonal_(False)
+    covered = sum(p.numel for _, p in parts)
+    if bool(overlap.any()) or covered != math.prod(shape):
+        what = "overlap" if bool(overlap.any()) else f"cover {covered} of its {math.prod(shape)} elements"
+        raise CorruptCheckpointError(
+            f"the {len(parts)} DCP pieces of the tensor {what}",
+            file=", ".join(files[:4]) + (" ..." if len(files) > 4 else ""), tensor=name,
+            expected=f"pieces that tile the full shape {list(shape)} exactly",
+            fix="a shard file is missing or the folder mixes two saves: copy every shard-*.safetensors of one "
+            "save into the folder",
+        )

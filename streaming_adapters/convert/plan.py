@@ -116,6 +116,17 @@ def make_plan(
     nvfp4: dict[str, bool] = {}
     ignore_list: set[str] = set()
     for name, lt in logical.items():
+        if target == "nvfp4" and lt.scale is not None and len(lt.shape) > 2:
+            # Fused FP8 experts [E, N, K] (transformers 5 / Mistral-4): NVFP4 readers (vLLM's expert mapping,
+            # TensorRT-LLM) want per-expert tensors (formats.md 2.4); writing them fused in BF16 beside an
+            # NVFP4 config would give a checkpoint no reader loads.
+            raise CheckpointError(
+                f"FP8 fused experts {list(lt.shape)} cannot be written as NVFP4 per-expert tensors yet",
+                file=str(index.file_path(lt.stored.file)), tensor=name,
+                expected="per-expert FP8 weights (experts.{e}.gate_proj.weight ...) for an NVFP4 target",
+                fix="convert with target=bf16 (fused experts are dequantized bit-exactly), or load the model "
+                "with transformers and save_pretrained it (it writes experts per expert) first",
+            )
         q = (target == "nvfp4" and lt.scale is not None and len(lt.shape) == 2
              and lt.shape[1] % NVFP4_GROUP == 0 and not ignored(name[: -len(".weight")]))
         nvfp4[name] = q

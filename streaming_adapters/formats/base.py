@@ -83,12 +83,17 @@ class StreamingFP8StateDictAdapter:
         scale_suffixes: names of a weight's scale, relative to its module (``X.weight`` -> ``X.<suffix>``).
         hidden_suffixes: other per-module keys kept out of the planner (activation / KV scales).
         description: one line for ``list_adapters()``.
+        fused_scale_suffixes / fused_hidden_suffixes: the same for a parameter without a ``.weight`` leaf,
+            appended to its name (transformers 5 fused experts: ``mlp.experts.gate_up_proj`` [E, 2I, H] ->
+            ``mlp.experts.gate_up_proj_scale_inv``, ``..._activation_scale``).
     """
 
     quant_method: ClassVar[str | None] = None
     layout: ClassVar[str] = ""
     scale_suffixes: ClassVar[tuple[str, ...]] = ("weight_scale_inv",)
     hidden_suffixes: ClassVar[tuple[str, ...]] = ()
+    fused_scale_suffixes: ClassVar[tuple[str, ...]] = ()
+    fused_hidden_suffixes: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
     #: dtype of dequantized weights in the planner's metadata.  Destinations may be BF16, FP16 or FP32.
     output_dtype: ClassVar[torch.dtype] = torch.bfloat16
@@ -133,7 +138,7 @@ class StreamingFP8StateDictAdapter:
     def scale_name(self, weight_name: str) -> str | None:
         """The scale tensor of ``weight_name`` present in the checkpoint, if any."""
         if not weight_name.endswith(".weight"):
-            return None
+            return next((weight_name + s for s in self.fused_scale_suffixes if weight_name + s in self._index), None)
         module = weight_name[: -len(".weight")]
         for suffix in self.scale_suffixes:
             if f"{module}.{suffix}" in self._index:
@@ -142,7 +147,13 @@ class StreamingFP8StateDictAdapter:
 
     def is_hidden(self, name: str) -> bool:
         leaf = name.rsplit(".", 1)[-1]
-        return leaf in self.scale_suffixes or leaf in self.hidden_suffixes
+        if leaf in self.scale_suffixes or leaf in self.hidden_suffixes:
+            return True
+        # A fused parameter's scale: hidden only beside the parameter it scales (names are free-form).
+        return self.index is not None and any(
+            name.endswith(s) and name[: -len(s)] in self.index
+            for s in self.fused_scale_suffixes + self.fused_hidden_suffixes
+        )
 
     @property
     def _index(self) -> CheckpointIndex:
@@ -189,7 +200,10 @@ class StreamingFP8StateDictAdapter:
         return AdapterPlan(logical, hidden)
 
     def _expected_scale_names(self, weight_name: str) -> str:
-        module = weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
+        if not weight_name.endswith(".weight"):
+            return " or ".join(weight_name + s for s in self.fused_scale_suffixes) or "(none: this format "\
+                "names scales after a `.weight` leaf)"
+        module = weight_name[: -len(".weight")]
         return " or ".join(f"{module}.{s}" for s in self.scale_suffixes)
 
     def _check_grid(self, weight: TensorInfo, scale: TensorInfo, block: tuple[int, ...]) -> tuple[int, ...]:

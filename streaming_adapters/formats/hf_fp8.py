@@ -8,9 +8,18 @@ power-of-two F32, as ``F8_E8M0``, or as ``U8`` exponent bytes; all three decode 
 Per-tensor (Devstral-2-123B, Ministral-3, Mistral-Medium-3.5): ``weight_block_size: null``, a BF16 0-dim
 ``X.weight_scale_inv`` and a BF16 0-dim ``X.activation_scale`` (hidden; used by W8A8 kernels, not here).
 Mistral-native names ``qscale_weight`` / ``qscale_act`` are read too.
+
+Fused experts (transformers 5.25 ``finegrained_fp8.FP8Experts`` and its save path, Mistral-4): one FP8
+parameter ``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` (gate rows first) / ``down_proj`` ``[E, H, I]`` with
+``<name>_scale_inv`` beside it: block scales ``[E, ceil(2I/bm), ceil(H/bn)]`` (a 3-D grid, block ``(1, bm,
+bn)`` in global coordinates of the fused tensor); per-tensor scales one per expert (``[E]`` for Mistral-4,
+``[E, 1, 1]`` for transformers' ``down_proj``) or one per expert *and half* for the fused gate/up
+(``[E, 2, 1]``: transformers allocates ``min_sf_out=2`` rows so gate and up keep their own scale).
 """
 
 from __future__ import annotations
+
+import math
 
 from .base import StreamingFP8StateDictAdapter
 from .registry import register_adapter
@@ -25,6 +34,8 @@ class FineGrainedFP8BlockAdapter(StreamingFP8StateDictAdapter):
     # DeepSeek-V4 names the scale `X.scale`.
     scale_suffixes = ("weight_scale_inv", "scale")
     hidden_suffixes = ("activation_scale", "input_scale")
+    fused_scale_suffixes = ("_scale_inv",)
+    fused_hidden_suffixes = ("_activation_scale",)
 
     @classmethod
     def detect(cls, quant_config, index) -> bool:
@@ -64,10 +75,27 @@ class FineGrainedFP8TensorAdapter(StreamingFP8StateDictAdapter):
     description = "HF FineGrainedFP8 per-tensor scales (Mistral: BF16 0-dim weight_scale_inv, activation_scale)"
     scale_suffixes = ("weight_scale_inv", "qscale_weight", "weight_scale")
     hidden_suffixes = ("activation_scale", "qscale_act", "input_scale")
+    fused_scale_suffixes = ("_scale_inv",)
+    fused_hidden_suffixes = ("_activation_scale",)
 
     @classmethod
     def detect(cls, quant_config, index) -> bool:
         return not (quant_config or {}).get("weight_block_size")
 
     def scale_block(self, weight, scale):
-        return tuple(weight.shape)
+        if math.prod(scale.shape) == 1:
+            return tuple(weight.shape)
+        # Stacked experts [E, N, K]: one scale per expert ([E], [E, 1, 1]) or per expert and fused half
+        # ([E, 2, 1], gate rows then up rows, each half its own per-tensor scale).
+        grid = tuple(scale.shape) + (1,) * (3 - len(scale.shape))
+        if len(weight.shape) == 3 and len(scale.shape) <= 3:
+            e, n, k = weight.shape
+            if grid[0] == e and grid[2] == 1 and grid[1] in (1, 2) and n % grid[1] == 0:
+                return (1, n // grid[1], k)
+        raise ScaleLayoutError(
+            f"per-tensor scale of shape {list(scale.shape)} for a weight of shape {list(weight.shape)}",
+            file=scale.file, tensor=scale.name,
+            expected="a 0-dim / [1] scale, or for stacked experts [E, N, K]: [E], [E, 1, 1] or [E, 2, 1] "
+            "(one per fused gate/up half)",
+            fix="check quantization_config (a block-scaled checkpoint needs weight_block_size) or re-export",
+        )
