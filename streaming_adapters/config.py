@@ -271,6 +271,7 @@ def validate(cfg) -> None:
                     why += " (benchmark.nproc sets the ranks of each peer)"
             problems.append(f"{key}={get(key)} is ignored by {cfg.task}: {why}")
     if problems:
-        raise ConfigError("invalid recipe values: " + "; ".join(problems),
+        listed = "; ".join(problems)
+        raise ConfigError(f"invalid recipe values: {listed}",
                           expected="values the task uses (docs/recipes.md lists every key)",
                           fix="fix or drop the named override(s); --cfg prints the composed recipe")

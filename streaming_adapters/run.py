@@ -43,6 +43,9 @@ def compose(config_name: str, overrides: list[str], config_dir: str | None = Non
     from .config import schema_keys
 
     _register_schema()
+    # checkpoint.fabricate.config is a free-form dict (transformers config keys): a new key there needs
+    # Hydra's `+`, an existing one must not have it; `++` is both, so users write the plain key.
+    overrides = [f"++{o}" if o.startswith("checkpoint.fabricate.config.") else o for o in overrides]
     ctx = initialize_config_dir(os.path.abspath(config_dir or recipes_dir()), version_base="1.3")
     try:
         with ctx:

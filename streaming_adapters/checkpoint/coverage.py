@@ -64,9 +64,9 @@ def check_coverage(index: CheckpointIndex) -> None:
     """Raise :class:`IncompleteCheckpointError` naming what is missing (shard files first: the likely cause)."""
     files = missing_shard_files(sorted(index.file_sizes))
     if files:
+        shown = ", ".join(files[:5]) + (" ..." if len(files) > 5 else "")
         raise IncompleteCheckpointError(
-            f"{len(files)} numbered shard file(s) are missing: {', '.join(files[:5])}"
-            + (" ..." if len(files) > 5 else ""),
+            f"{len(files)} numbered shard file(s) are missing: {shown}",
             file=str(index.path / files[0]), expected=f"every file of the series in {index.path}",
             fix="finish the download (huggingface-cli download resumes), or point at the complete folder")
     n, layers = missing_layers(index)
