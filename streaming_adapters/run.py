@@ -171,23 +171,37 @@ def _fail(e: BaseException) -> int:
     return 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, exit_process: bool = True) -> int:
+    """The command line.  ``exit_process=False`` (tests, notebooks): return the exit code instead of ending
+    the process on a failure, and put the signal handlers back."""
     import threading
 
+    handlers = {}
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, _on_signal)
-    _STATE.update(signal=None, rank=_launched_rank(), world=int(os.environ.get("WORLD_SIZE", "1")))
+            handlers[s] = signal.signal(s, _on_signal)
+    _STATE.update(signal=None, verbose=False, task=None, rank=_launched_rank(),
+                  world=int(os.environ.get("WORLD_SIZE", "1")))
     try:
         return _main(argv)
     except SystemExit:
         raise
     except BaseException as e:  # noqa: BLE001 -- KeyboardInterrupt included: one line, exit 130
         rc = _fail(e)
-    # Skip interpreter teardown (atexit hooks, a process group whose peers are gone, tqdm threads): it can
-    # block, and the message is out.  os._exit after flushing, with the code.
+    finally:
+        if not exit_process:
+            for s, h in handlers.items():
+                signal.signal(s, h)
     sys.stdout.flush()
     sys.stderr.flush()
+    if not exit_process:
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_world_size() == 1:
+            dist.destroy_process_group()
+        return rc
+    # Skip interpreter teardown (atexit hooks, a process group whose peers are gone, tqdm threads): it can
+    # block, and the message is out.
     os._exit(rc)
 
 
