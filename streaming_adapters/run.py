@@ -81,7 +81,7 @@ def _launched_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
-def _init_distributed(device: str, task: str) -> tuple[int, int]:
+def _init_distributed(device: str, headers_only: bool) -> tuple[int, int]:
     """Join the launcher's group, or (a plain process) make a group of one so that every task's code path is
     the same: a DeviceMesh of one rank needs an initialised default group, and without one torch asks for
     RANK / MASTER_ADDR."""
@@ -92,8 +92,8 @@ def _init_distributed(device: str, task: str) -> tuple[int, int]:
         return dist.get_rank(), dist.get_world_size()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    # plan reads headers only: never touch CUDA (it works on a machine without a GPU, for any device).
-    cuda = device == "cuda" and task != "plan"
+    # plan / dry_run read headers only: never touch CUDA (they work without a GPU, for any device).
+    cuda = device == "cuda" and not headers_only
     if cuda:
         torch.cuda.set_device(local)
     backend = os.environ.get("SA_DIST_BACKEND") or ("nccl" if cuda else "gloo")
@@ -250,7 +250,8 @@ def _main(argv: list[str] | None) -> int:
     from .layouts import Layout
 
     validate(cfg)
-    if cfg.device == "cuda" and cfg.task != "plan":
+    headers_only = cfg.task == "plan" or cfg.dry_run
+    if cfg.device == "cuda" and not headers_only:
         import torch
 
         if not torch.cuda.is_available():
@@ -258,9 +259,9 @@ def _main(argv: list[str] | None) -> int:
 
             raise ConfigError("device=cuda but this machine (or CUDA_VISIBLE_DEVICES) shows no GPU",
                               expected="a visible CUDA device for each rank",
-                              fix="pass device=cpu, or run on a GPU machine (the plan task needs no GPU)")
+                              fix="pass device=cpu, or run on a GPU machine (plan and dry_run=true need no GPU)")
     layout = Layout(cfg.parallel.tp, cfg.parallel.dp_shard, cfg.parallel.pp, cfg.parallel.ep)
-    rank, world = _init_distributed(cfg.device, cfg.task)
+    rank, world = _init_distributed(cfg.device, headers_only)
     _STATE.update(rank=rank, world=world)
     if cfg.task not in ("benchmark", "plan") and not cfg.dry_run and layout.world_size != world:
         from .config import ConfigError
@@ -277,7 +278,7 @@ def _main(argv: list[str] | None) -> int:
     path = write_report(cfg, result, rank)
     if rank == 0:
         print(f"report: {path}" if path is not None else
-              "report: not written (load_check and plan write report.json only where report.path=FILE says)",
+              "report: not written (no output folder: report.path=FILE writes report.json)",
               flush=True)
     import torch.distributed as dist
 

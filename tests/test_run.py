@@ -122,10 +122,13 @@ def test_fp8_to_nvfp4_recipe_with_verify(checkpoints, tmp_path, fmt):
 
 
 def test_benchmark_recipe_tiny(tmp_path):
-    entry(["--config-name", "benchmark", "benchmark.shape=tiny", "benchmark.layers=1",
+    # benchmark.cold is off by default: the machine's page cache is left alone, and no line says otherwise.
+    p = entry(["--config-name", "benchmark", "benchmark.shape=tiny", "benchmark.layers=1",
                f"checkpoint.path={tmp_path / 'ckpt'}", f"benchmark.workdir={tmp_path / 'w'}",
-               f"report.path={tmp_path / 'r' / 'report.json'}", "benchmark.cold=false",
+               f"report.path={tmp_path / 'r' / 'report.json'}",
                "benchmark.peers=[raw_read,streaming_adapters,torch_quantized_reader]"], timeout=600)
+    assert "page cache" not in p.stdout and "| warm |" in p.stdout
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["meta"]["shape"] == "tiny"
     table = (tmp_path / "r" / "benchmark.md").read_text()
     for peer in ("raw_read", "streaming_adapters", "torch_quantized_reader"):
         assert f"| {peer} | 2 |" in table, table

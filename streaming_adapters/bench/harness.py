@@ -4,7 +4,8 @@ Memory is measured from outside: this process samples ``/proc/<pid>/status`` (``
 memory: what the peer allocated, not the page cache of the mapped checkpoint) of every worker every 10 ms
 and keeps each worker's peak.  GPU peaks come from the workers' ``torch.cuda.max_memory_allocated``.  The
 page cache is dropped before each timed run only with ``benchmark.cold=true`` (it drops the whole machine's
-cache; needs root; one line says so); otherwise, or where not allowed, the table says "warm".  Output: a table on stdout, ``benchmark.json``, ``benchmark.md`` and ``benchmark.svg`` (a bar
+cache; needs root; one line says so); otherwise, or where not allowed, the table says "warm".  Output: a
+table on stdout, ``benchmark.json``, ``benchmark.md`` and ``benchmark.svg`` (a bar
 plot of wall time) in the report folder.
 """
 
