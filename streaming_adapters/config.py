@@ -240,6 +240,8 @@ _NUMBERS = (("parallel.tp", 1, False), ("parallel.dp_shard", 1, False), ("parall
 def validate(cfg) -> None:
     """Raise one :class:`ConfigError` listing every bad value of a composed config: unknown choices (with the
     valid ones), numbers out of range, and options the task would ignore."""
+    import difflib
+
     from omegaconf import OmegaConf
 
     defaults = OmegaConf.structured(RunConfig)
@@ -254,8 +256,9 @@ def validate(cfg) -> None:
         for item in (v if isinstance(v, list) else [v]):
             if item not in valid:
                 shown = ", ".join("null" if x is None else str(x) for x in valid)
-                close = __import__("difflib").get_close_matches(str(item), [str(x) for x in valid], n=1)
-                problems.append(f"{key}={item} is not one of: {shown}" + (f" (did you mean {close[0]}?)" if close else ""))
+                close = difflib.get_close_matches(str(item), [str(x) for x in valid], n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                problems.append(f"{key}={item} is not one of: {shown}{hint}")
     for key, low, nullable in _NUMBERS:
         v = get(key)
         if (v is None and not nullable) or (v is not None and v < low):

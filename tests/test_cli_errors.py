@@ -66,7 +66,8 @@ def test_plan_without_a_gpu_exit_code_says_whether_it_fits(checkpoints, tmp_path
 @pytest.mark.parametrize("recipe,family,extra,want", [
     ("load_check", "qwen3", ["verify=true"], "verify: 0 mismatched shard(s)"),
     ("demo", "llama", ["parallel.tp=1", "checkpoint.fabricate.config.hidden_size=256",
-                       "checkpoint.fabricate.config.intermediate_size=512", "checkpoint.fabricate.config.vocab_size=1000",
+                       "checkpoint.fabricate.config.intermediate_size=512",
+                       "checkpoint.fabricate.config.vocab_size=1000",
                        "checkpoint.fabricate.config.num_attention_heads=4",
                        "checkpoint.fabricate.config.head_dim=64"], "verify: 0 mismatched shard(s)"),
     ("dequantize_bf16", "deepseek_v3", ["verify=true"], "(bf16): OK"),

@@ -45,7 +45,8 @@ def _interrupt_when_started(cmd, out, sig, cwd) -> subprocess.CompletedProcess:
                          start_new_session=True)
     partial = out.with_name(out.name + ".partial")
     t0 = time.monotonic()
-    while time.monotonic() - t0 < 240 and p.poll() is None and not any(partial.glob(".streaming_adapters/steps/*.done")):
+    done = partial / ".streaming_adapters" / "steps"
+    while time.monotonic() - t0 < 240 and p.poll() is None and not any(done.glob("*.done")):
         time.sleep(0.02)
     assert p.poll() is None, "the conversion ended before it could be interrupted"
     os.killpg(p.pid, sig)
@@ -57,7 +58,7 @@ def _interrupt_when_started(cmd, out, sig, cwd) -> subprocess.CompletedProcess:
 def test_ctrl_c_stops_every_torchrun_rank_with_one_resume_line(ckpt, tmp_path):
     out = tmp_path / "nvfp4"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-           "--master-addr=127.0.0.1", *_args(ckpt, out, "parallel.dp_shard=2")[0:]]
+           "--master-addr=127.0.0.1", *_args(ckpt, out, "parallel.dp_shard=2")]
     p, took = _interrupt_when_started(cmd, out, signal.SIGINT, tmp_path)
     text = p.stdout + p.stderr
     for rank in (0, 1):
