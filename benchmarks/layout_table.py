@@ -1,5 +1,7 @@
 """The "which layout fits my model" table of the README: the pre-flight planner on header-only (sparse)
-checkpoints with the real shapes of full models.  ``python benchmarks/layout_table.py [/tmp/hdr]``
+checkpoints with the real shapes of full models.  ``python benchmarks/layout_table.py [/tmp/hdr] [SHAPE ...]``
+(SHAPE: llama70b, mistral_large_123b, deepseek_v3; default all: ~40 s of CPU, most of it DeepSeek-V3's
+256 x 61 experts)
 
 Weights only: the BF16 shard each GPU holds after the load plus the load's own transient (the pipeline's
 staging ring); training adds activations, gradients and optimizer state on top.  The naive path is
@@ -25,11 +27,13 @@ LAYOUTS = [Layout(tp=8), Layout(tp=4), Layout(tp=8, dp_shard=2), Layout(tp=8, ep
 H100, H200 = 80 * 1e9 / GiB, 141 * 1e9 / GiB  # usable GiB, roughly
 
 
-def main(root: str = "/tmp/hdr") -> None:
+def main(root: str = "/tmp/hdr", *only: str) -> None:
     print("| model | FP8 checkpoint | layout (GPUs) | BF16 shard / GPU | GPU need / GPU | fits H100 80 GB | "
           "fits H200 141 GB | naive path / GPU |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, shape, layers, experts in MODELS:
+        if only and shape not in only:
+            continue
         path = fabricate_headers(Path(root) / shape, shape, layers, experts=experts or 16)
         index = CheckpointIndex.open(path)
         adapter = get_adapter(path, index=index)

@@ -12,7 +12,8 @@
 #   SA_CPU=1    CPU mode; exports SA_DIST_BACKEND=gloo and hides GPUs
 #   any other variable (OMP_NUM_THREADS, NCCL_*, ...) passes through to the ranks
 #
-# Example: launch/torchrun.sh --nproc 8 my_recipe model.path=/ckpt/foo
+# Example: launch/torchrun.sh --nproc 8 fp8_to_nvfp4 checkpoint.path=/ckpt/in output.path=/ckpt/out \
+#              parallel.dp_shard=8 device=cuda
 set -euo pipefail
 
 die() { printf 'torchrun.sh: error: %s\n' "$*" >&2; exit 2; }

@@ -11,15 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
+from .errors import CheckpointError
+
 TASKS = ("load_check", "dequantize_bf16", "fp8_to_nvfp4", "benchmark", "plan")
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass
 class FabricateConfig:
     """Fabricate an FP8 checkpoint into ``checkpoint.path`` first (demos, CI; no model hub needed)."""
 
-    family: str = "llama"
-    """Model family: llama, mistral, ministral3, qwen3, qwen3_moe, deepseek_v3, mixtral."""
+    family: Optional[str] = None
+    """Set to fabricate a checkpoint at ``checkpoint.path`` (rank 0) before the task, unless it exists: llama,
+    mistral, ministral3, qwen3, qwen3_moe, deepseek_v3, mixtral, ministral3_vlm. null: no fabrication."""
     format: str = "fp8_block"
     """FP8 format: fp8_block, fp8_block_ue8m0, fp8_block_e8m0, fp8_block_u8, fp8_tensor, ct_tensor,
     ct_channel, ct_group, ct_block, ct_naive_channel, modelopt, fbgemm, bf16."""
@@ -33,8 +37,7 @@ class FabricateConfig:
 class CheckpointConfig:
     path: Optional[str] = None
     """Source checkpoint folder (config.json + *.safetensors)."""
-    fabricate: Optional[FabricateConfig] = None
-    """If set, fabricate a checkpoint at ``path`` (rank 0) before the task; skipped if it exists."""
+    fabricate: FabricateConfig = field(default_factory=FabricateConfig)
 
 
 @dataclass
@@ -82,7 +85,8 @@ class IOConfig:
 @dataclass
 class ReportConfig:
     path: Optional[str] = None
-    """Where report.json goes (default: inside output.path, else the working folder)."""
+    """Where report.json goes. Default: inside output.path (conversions), beside benchmark.md (benchmark);
+    load_check and plan write one only when this is given (never into the working folder)."""
     progress: bool = True
     """tqdm progress bar on rank 0."""
 
@@ -101,8 +105,9 @@ class BenchmarkConfig:
     transformers_dequantize, convert_nvfp4, read_write."""
     nproc: int = 2
     """Ranks per peer run (each peer runs in fresh processes)."""
-    cold: bool = True
-    """Drop the page cache before each timed run (needs root; reported when not possible)."""
+    cold: bool = False
+    """Drop the WHOLE machine's page cache before each timed run (needs root; says so first; the table says
+    warm when not possible)."""
     workdir: Optional[str] = None
     """Where the benchmark checkpoint is fabricated (default: a temporary folder)."""
 
@@ -126,7 +131,9 @@ class RunConfig:
     host_memory_gb: Optional[float] = None
     """Pre-flight: host memory available per rank (default: this machine's total / local ranks)."""
     gpu_memory_gb: Optional[float] = None
-    """Pre-flight: GPU memory available per rank (default: the device's total)."""
+    """Pre-flight: GPU memory available per rank (default: the device's total; unknown without a GPU)."""
+    verbose: bool = False
+    """Print the traceback of an error (by default: one message per failure)."""
 
 
 def schema_keys(cls=RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
@@ -188,3 +195,86 @@ def recipes_markdown(recipes: list[str]) -> str:
     for key, default, doc in schema_keys():
         lines.append(f"| `{key}` | `{default}` | {doc} |")
     return "\n".join(lines) + "\n"
+
+
+class ConfigError(CheckpointError):
+    """A recipe key has a value the task cannot use (a wrong choice, a bad number, an option it ignores)."""
+
+
+def choices() -> dict[str, tuple]:
+    """The valid values of every key that takes one of a fixed set (checked before anything runs)."""
+    from .bench.checkpoint import SHAPES
+    from .bench.peers import PEERS
+    from .testing.fixtures import FAMILIES, FORMATS
+
+    return {"task": TASKS, "device": DEVICES, "output.format": (None, "compressed-tensors", "modelopt"),
+            "io.backend": ("mmap", "pread"), "benchmark.shape": tuple(SHAPES), "benchmark.peers": tuple(PEERS),
+            "checkpoint.fabricate.family": (None, *FAMILIES), "checkpoint.fabricate.format": tuple(FORMATS)}
+
+
+# Keys each task reads besides these (a key a task does not read is refused unless left at its default, so
+# that `verify=true` or `output.format=modelopt` is never silently dropped).
+_ALWAYS = ("task", "device", "verbose", "report.path", "checkpoint.path", "checkpoint.fabricate.")
+_LOAD = ("parallel.", "io.backend", "io.chunk_mb", "host_memory_gb", "gpu_memory_gb")
+_CONVERT = ("output.path", "output.overwrite", "output.restart", "parallel.dp_shard", "io.", "report.progress",
+            "dry_run", "verify", "host_memory_gb", "gpu_memory_gb")
+USED = {
+    "load_check": _ALWAYS + _LOAD + ("io.readers", "dry_run", "verify"),
+    "plan": _ALWAYS + _LOAD,
+    "dequantize_bf16": _ALWAYS + _CONVERT,
+    "fp8_to_nvfp4": _ALWAYS + _CONVERT + ("output.format", "output.ignore"),
+    "benchmark": ("task", "device", "verbose", "report.path", "checkpoint.path", "benchmark.", "io.readers",
+                  "io.backend"),
+}
+_WHY = {"parallel.": "conversion splits every step over all ranks whatever the layout: use parallel.dp_shard=N "
+                     "(N = the number of ranks)",
+        "output.format": "only fp8_to_nvfp4 writes a format choice (BF16 output is plain HF safetensors)",
+        "output.ignore": "only fp8_to_nvfp4 keeps modules out of NVFP4 (BF16 output converts every tensor)"}
+# Numbers: (key, smallest valid value, may be null)
+_NUMBERS = (("parallel.tp", 1, False), ("parallel.dp_shard", 1, False), ("parallel.pp", 1, False),
+            ("parallel.ep", 1, False), ("io.chunk_mb", 1, False), ("io.readers", 1, False),
+            ("io.step_mb", 1e-6, False), ("io.sync_s", 0, False), ("benchmark.layers", 1, False),
+            ("benchmark.nproc", 1, False), ("host_memory_gb", 1e-6, True), ("gpu_memory_gb", 1e-6, True))
+
+
+def validate(cfg) -> None:
+    """Raise one :class:`ConfigError` listing every bad value of a composed config: unknown choices (with the
+    valid ones), numbers out of range, and options the task would ignore."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    defaults = OmegaConf.structured(RunConfig)
+
+    def get(key, c=cfg):
+        v = OmegaConf.select(c, key)
+        return OmegaConf.to_container(v) if OmegaConf.is_config(v) else v
+
+    problems = []
+    for key, valid in choices().items():
+        v = get(key)
+        for item in (v if isinstance(v, list) else [v]):
+            if item not in valid:
+                shown = ", ".join("null" if x is None else str(x) for x in valid)
+                close = difflib.get_close_matches(str(item), [str(x) for x in valid], n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                problems.append(f"{key}={item} is not one of: {shown}{hint}")
+    for key, low, nullable in _NUMBERS:
+        v = get(key)
+        if (v is None and not nullable) or (v is not None and v < low):
+            problems.append(f"{key}={v} must be >= {low:g}")
+    if cfg.task in USED:
+        for key, default, _ in schema_keys():
+            if key.startswith(USED[cfg.task]) or get(key) == get(key, defaults):
+                continue
+            why = _WHY.get(key.split(".")[0] + "." if key.startswith("parallel.") else key)
+            if why is None or cfg.task not in ("dequantize_bf16", "fp8_to_nvfp4"):
+                why = f"task {cfg.task} does not read it"
+                if cfg.task == "benchmark" and key.startswith("parallel."):
+                    why += " (benchmark.nproc sets the ranks of each peer)"
+            problems.append(f"{key}={get(key)} is ignored by {cfg.task}: {why}")
+    if problems:
+        listed = "; ".join(problems)
+        raise ConfigError(f"invalid recipe values: {listed}",
+                          expected="values the task uses (docs/recipes.md lists every key)",
+                          fix="fix or drop the named override(s); --cfg prints the composed recipe")

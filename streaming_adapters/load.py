@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor
 
 from .checkpoint.index import CheckpointIndex
+from .checkpoint.coverage import check_coverage
 from .dist import all_gather_object, is_dist, raise_gathered, raise_on_all_ranks, rank_and_world
 from .errors import CheckpointError, DestinationError
 from .formats import get_adapter
@@ -72,6 +73,7 @@ def load_fp8_state_dict(
     missing: list[str] = []
     try:
         index = CheckpointIndex.open(checkpoint_path, allow_pieces=True)
+        check_coverage(index)
         adapter = get_adapter(checkpoint_path, index=index)
         hidden_wanted = {k for k in state_dict if k in adapter.plan.hidden}
         reader = StreamingFP8StorageReader(

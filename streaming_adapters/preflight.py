@@ -71,6 +71,10 @@ class Preflight:
                          f"{_fmt_bytes(r.gpu_bytes) if self.device == 'cuda' else '-':>10}")
         lines.append(f"naive path (FineGrainedFP8Config(dequantize=True)): the whole BF16 model on every rank = "
                      f"{_fmt_bytes(self.naive_bytes)} per rank")
+        if self.device == "cuda" and self.gpu_capacity is None:
+            lines.append(f"GPU capacity unknown (no GPU visible here): each rank needs "
+                         f"{_fmt_bytes(max((r.gpu_bytes for r in self.ranks), default=0))} of GPU memory; pass "
+                         f"gpu_memory_gb=<per GPU> (e.g. 80 for an H100) to check the fit")
         if self.problems:
             lines += [f"DOES NOT FIT: {p}" for p in self.problems]
         if self.fitting:

@@ -30,7 +30,7 @@ def say(msg: str) -> None:
 
 def fabricate_if_asked(cfg) -> None:
     fab = cfg.checkpoint.fabricate
-    if fab is None:
+    if fab.family is None:
         return
     path = Path(cfg.checkpoint.path)
     error = None
@@ -41,7 +41,7 @@ def fabricate_if_asked(cfg) -> None:
             info = make_checkpoint(path, fab.family, fab.format, seed=fab.seed, **dict(fab.config))
             say(f"fabricated a {fab.family} {fab.format} checkpoint at {path} "
                 f"({sum((path / f).stat().st_size for f in info.files) / 1e6:.1f} MB)")
-        except (ValueError, TypeError) as e:
+        except (ValueError, TypeError, KeyError) as e:
             error = CheckpointError(f"cannot fabricate: {e}", file=str(path),
                                     fix="check checkpoint.fabricate.family / format / config")
     raise_on_all_ranks(error)
@@ -60,7 +60,10 @@ def capacities(cfg, local_world: int) -> tuple[float | None, float | None]:
 
 
 def preflight(cfg, layout: Layout) -> Preflight:
+    from .checkpoint.coverage import check_coverage
+
     index = CheckpointIndex.open(cfg.checkpoint.path)
+    check_coverage(index)
     adapter = get_adapter(cfg.checkpoint.path, index=index)
     host, gpu = capacities(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", layout.world_size)))
     chunk = cfg.io.chunk_mb << 20
@@ -79,7 +82,7 @@ def run_task(cfg, layout: Layout) -> dict[str, Any]:
     fabricate_if_asked(cfg)
     if cfg.checkpoint.path is None:
         raise CheckpointError("no checkpoint given", expected="checkpoint.path=<folder>",
-                              fix="pass checkpoint.path=..., or checkpoint.fabricate for a demo")
+                              fix="pass checkpoint.path=..., and checkpoint.fabricate.family=llama to fabricate one")
     if cfg.task == "benchmark":
         from .bench.harness import run_benchmark
 
@@ -186,7 +189,7 @@ def convert(cfg, pf: Preflight) -> dict[str, Any]:
     )
     out = report.to_dict()
     out["planned"] = [vars(r) for r in pf.ranks]
-    if cfg.verify and target == "nvfp4":
+    if cfg.verify:  # BF16 output: every tensor bit for bit; NVFP4: the producers' math (convert/verify.py)
         from .convert.verify import verify_checkpoint
 
         v = verify_checkpoint(cfg.output.path, reference=cfg.checkpoint.path)
@@ -196,14 +199,46 @@ def convert(cfg, pf: Preflight) -> dict[str, Any]:
     return out
 
 
+def job_totals(out: dict[str, Any]) -> dict[str, Any]:
+    """report.json's top level: the job's numbers as the summary line shows them (bytes and tensors summed
+    over ranks, seconds the slowest rank's, GB/s = total bytes / that wall time, peaks the largest rank's);
+    each rank's own numbers stay under ``ranks``."""
+    ranks = out.get("ranks") or []
+    if not ranks or "bytes_read" not in out:
+        return out
+    job = dict(out)
+    job.pop("rank", None)  # the rank that wrote the file is not a property of the job
+    for key in ("tensors", "quantized", "plain", "bytes_read"):
+        job[key] = sum(r.get(key, 0) for r in ranks)
+    job["seconds"] = max(r.get("seconds", 0.0) for r in ranks)
+    job["gb_per_s"] = job["bytes_read"] / job["seconds"] / 1e9 if job["seconds"] > 0 else 0.0
+    for key in ("peak_transient_bytes", "peak_host_bytes", "peak_gpu_bytes"):
+        vals = [r[key] for r in ranks if r.get(key) is not None]
+        job[key] = max(vals) if vals else None
+    job["ranks"] = ranks
+    return job
+
+
+def report_path(cfg, result: dict[str, Any]) -> Path | None:
+    """report.path; else inside the output folder (conversions) or beside benchmark.md (benchmark); else
+    none: load_check and plan have no output folder, and the working folder is never written by default."""
+    if cfg.report.path:
+        return Path(cfg.report.path)
+    if cfg.task in ("dequantize_bf16", "fp8_to_nvfp4") and cfg.output.path and Path(cfg.output.path).is_dir():
+        return Path(cfg.output.path) / "report.json"
+    if result.get("report_dir"):
+        return Path(result["report_dir"]) / "report.json"
+    return None
+
+
 def write_report(cfg, result: dict[str, Any], rank: int) -> Path | None:
     if rank != 0:
         return None
-    path = Path(cfg.report.path) if cfg.report.path else (
-        Path(cfg.output.path) / "report.json" if cfg.output.path and Path(cfg.output.path).is_dir()
-        else Path("report.json"))
+    path = report_path(cfg, result)
+    if path is None:
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+    path.write_text(json.dumps(job_totals(result), indent=2, default=_json_default) + "\n")
     return path
 
 

@@ -55,7 +55,8 @@ def test_impossible_layout_is_refused_with_layouts_that_fit(demo_ckpt, tmp_path)
     assert "does not fit" in p.stderr and "add ranks" in p.stderr
     # With 4 ranks and 56 MiB each, PP=4 (the 64 MiB embedding on stage 0) does not fit but TP=4 does:
     # the pre-flight names it.
-    p = entry(["plan", f"checkpoint.path={demo_ckpt}", "parallel.pp=4", "host_memory_gb=0.055"])
+    p = entry(["plan", f"checkpoint.path={demo_ckpt}", "parallel.pp=4", "host_memory_gb=0.055"], check=False)
+    assert p.returncode == 3  # does not fit: the exit code says so to scripts
     assert "DOES NOT FIT" in p.stdout and "naive path" in p.stdout
     fitting = p.stdout.split("layouts of this world size that fit:")[1]
     assert "tp=4 dp_shard=1 pp=1 ep=1" in fitting
@@ -99,7 +100,14 @@ def test_dequantize_bf16_recipe(checkpoints, tmp_path):
     entry(["--config-name", "dequantize_bf16", f"checkpoint.path={src}", f"output.path={tmp_path / 'out'}",
            "parallel.dp_shard=2", "io.step_mb=0.5"], nproc=2)
     assert set(load_all(tmp_path / "out")) == {k for k in load_all(src) if not k.endswith("_scale_inv")}
-    assert json.loads((tmp_path / "out" / "report.json").read_text())["world_size"] == 2
+    r = json.loads((tmp_path / "out" / "report.json").read_text())
+    # Top level = the job (what the summary line shows); each rank's own numbers under `ranks`.
+    assert r["world_size"] == 2 and len(r["ranks"]) == 2 and "rank" not in r
+    assert r["bytes_read"] == sum(x["bytes_read"] for x in r["ranks"]) > max(x["bytes_read"] for x in r["ranks"])
+    assert r["tensors"] == sum(x["tensors"] for x in r["ranks"])
+    assert r["seconds"] == max(x["seconds"] for x in r["ranks"])
+    assert abs(r["gb_per_s"] - r["bytes_read"] / r["seconds"] / 1e9) < 1e-9
+    assert f"{r['tensors']} tensor shards" in r["summary"]
 
 
 @pytest.mark.parametrize("fmt", ["compressed-tensors", "modelopt"])
@@ -114,10 +122,13 @@ def test_fp8_to_nvfp4_recipe_with_verify(checkpoints, tmp_path, fmt):
 
 
 def test_benchmark_recipe_tiny(tmp_path):
-    entry(["--config-name", "benchmark", "benchmark.shape=tiny", "benchmark.layers=1",
+    # benchmark.cold is off by default: the machine's page cache is left alone, and no line says otherwise.
+    p = entry(["--config-name", "benchmark", "benchmark.shape=tiny", "benchmark.layers=1",
                f"checkpoint.path={tmp_path / 'ckpt'}", f"benchmark.workdir={tmp_path / 'w'}",
-               f"report.path={tmp_path / 'r' / 'report.json'}", "benchmark.cold=false",
+               f"report.path={tmp_path / 'r' / 'report.json'}",
                "benchmark.peers=[raw_read,streaming_adapters,torch_quantized_reader]"], timeout=600)
+    assert "page cache" not in p.stdout and "| warm |" in p.stdout
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["meta"]["shape"] == "tiny"
     table = (tmp_path / "r" / "benchmark.md").read_text()
     for peer in ("raw_read", "streaming_adapters", "torch_quantized_reader"):
         assert f"| {peer} | 2 |" in table, table

@@ -3,8 +3,9 @@
 Memory is measured from outside: this process samples ``/proc/<pid>/status`` (``RssAnon``, anonymous
 memory: what the peer allocated, not the page cache of the mapped checkpoint) of every worker every 10 ms
 and keeps each worker's peak.  GPU peaks come from the workers' ``torch.cuda.max_memory_allocated``.  The
-page cache is dropped before each timed run when the machine allows it (root); otherwise the table says
-"warm".  Output: a table on stdout, ``benchmark.json``, ``benchmark.md`` and ``benchmark.svg`` (a bar
+page cache is dropped before each timed run only with ``benchmark.cold=true`` (it drops the whole machine's
+cache; needs root; one line says so); otherwise, or where not allowed, the table says "warm".  Output: a
+table on stdout, ``benchmark.json``, ``benchmark.md`` and ``benchmark.svg`` (a bar
 plot of wall time) in the report folder.
 """
 
@@ -150,6 +151,10 @@ def run_benchmark(cfg) -> dict:
     fabricate(ckpt, b.shape, b.layers)
     print(f"checkpoint ready at {ckpt} ({time.perf_counter() - t0:.1f} s)", flush=True)
     ckpt_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
+    if b.cold:  # it affects every process on the machine, so it is opt-in and said out loud
+        print("benchmark.cold=true: dropping the whole machine's page cache (sync; echo 3 > "
+              "/proc/sys/vm/drop_caches) before each timed run; the table says warm where that is not allowed",
+              flush=True)
     results = []
     for peer in b.peers:
         nproc = 1 if peer == "transformers_dequantize" else b.nproc
@@ -186,4 +191,4 @@ def run_benchmark(cfg) -> dict:
                                                         f"{b.nproc} ranks: wall time"))
     data = {"meta": meta, "results": results}
     (out_dir / "benchmark.json").write_text(json.dumps(data, indent=2))
-    return data
+    return {**data, "report_dir": str(out_dir)}

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from ..checkpoint.byteio import BoxReader
 from ..checkpoint.index import CheckpointIndex
+from ..checkpoint.coverage import check_coverage
 from ..dist import all_gather_object, is_dist, raise_on_all_ranks, rank_and_world
 from ..errors import CheckpointError
 from ..fill import DEFAULT_CHUNK_BYTES, BoxFiller, iter_subboxes
@@ -74,6 +75,7 @@ def convert_checkpoint(
     plan = None
     try:
         index = CheckpointIndex.open(src)
+        check_coverage(index)
         adapter = get_adapter(src, index=index)
         plan = make_plan(index, adapter, target, format, world, step_bytes=step_bytes, ignore=ignore)
     except (CheckpointError, ValueError) as e:

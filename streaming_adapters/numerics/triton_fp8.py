@@ -18,7 +18,7 @@ loads, 8 ``STG.E.128`` stores, 4 scalar scale loads per thread, and per element 
 
 * code loads are VEC bytes (8 for BF16/FP16 out, 4 for FP32), matching the 16-byte output stores, so the
   tile keeps one register layout; 16-byte code loads make Triton relayout through shared memory
-  (``tile=(.., .., .., 16)`` selects that variant; ``benchmarks/kernels.py --sweep`` times both);
+  (``tile=(.., .., .., 16)`` selects that variant; ``benchmarks/bench_fp8_kernels.py --sweep`` times both);
 * the scale index is never computed per element.  Rows and columns are separable: a tile whose rows span at
   most two row blocks (``bm >= BLOCK_R`` or a window with <= 2 block rows: "wide" rows) needs one
   comparison per row, not a division; likewise for columns.  A tile wide both ways loads 4 scalars
@@ -52,7 +52,7 @@ from ._triton import jit, native_fp8, tl, triton, triton_available, triton_impor
 
 # Default tile: 64x128 codes = 8 KiB read + 16 KiB written (BF16) per program, 64 elements per thread with
 # 4 warps.  128 columns = one 128x128 block wide, so DeepSeek-style block scales take the 4-scalar path
-# (bm=128 >= 64, bn=128 >= 128).  benchmarks/kernels.py --sweep times the alternatives.
+# (bm=128 >= 64, bn=128 >= 128).  benchmarks/bench_fp8_kernels.py --sweep times the alternatives.
 DEFAULT_TILE = (64, 128, 4)  # (BLOCK_R, BLOCK_C, num_warps)
 
 _OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -83,7 +83,7 @@ def _dequant_fp8_kernel(
     # VEC = elements per 16-byte output access.  Capping the codes' vector width at VEC too (CODES_VEC ==
     # VEC: an 8-byte load for BF16) gives loads and stores one register layout; with CODES_VEC = 16 Triton
     # loads 16 codes per thread and moves them through shared memory (4 KB + 3 barriers per 64x128 tile
-    # in the sm_90 SASS) to reach the 8-per-thread store layout.  benchmarks/kernels.py --sweep times both.
+    # in the sm_90 SASS) to reach the 8-per-thread store layout.  benchmarks/bench_fp8_kernels.py --sweep times both.
     ci = tl.max_contiguous(tl.arange(0, BLOCK_C), VEC)
     rmask = (row_lo + ri) < rows
     cmask = (col_lo + ci) < cols
@@ -248,7 +248,7 @@ def pick_tile(block: tuple[int, int], window: tuple[int, int], aligned: bool) ->
     """(BLOCK_R, BLOCK_C, num_warps) for a layout: keep one dim "wide" (the tile spans <= 2 blocks) so the
     scale is a select, not a per-element gather (a 2-D gather makes Triton pick a column-major layout
     for it: a shared-memory round trip per tile and ~4x the instructions per element in the sm_90 SASS;
-    ``benchmarks/kernels_sass.py`` prints each variant)."""
+    ``benchmarks/bench_fp8_sass.py`` prints each variant)."""
     (bm, bn), (gr, gc) = block, window
     if not aligned:  # scalar accesses, ~230 registers at 64 elements per thread: use 16
         return (16, 128, 4)

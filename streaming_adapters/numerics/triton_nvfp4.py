@@ -45,7 +45,7 @@ takes ``BLOCK_G`` 16-column blocks x ``BLOCK_R`` rows, indexed ``[G, R, 8 words]
 block amax is an in-thread max, the block's scale math runs once in its thread, the packed bytes leave as one
 8-byte store per block (256 contiguous bytes per warp), the scale bytes as 1-byte stores (1/32 of the
 traffic), and the [G, R] scale tensor keeps the load layout (no shared memory, no barrier).  sm_90 SASS of
-the default (``benchmarks/kernels_nvfp4_sass.py``): 56 registers, no spills, no shared memory; per thread 4
+the default (``benchmarks/bench_nvfp4_sass.py``): 56 registers, no spills, no shared memory; per thread 4
 LDG.E.EF.128, 2 STG.E.64 (packed), 2 STG.E.U8 (scales); ~22 instructions per element executed on the fast
 path (28 with div_rn per element).
 
@@ -81,7 +81,7 @@ from ._triton import jit, native_fp8, tl, triton, triton_available, triton_impor
 GROUP = 16
 # Default tile: 32 blocks (512 columns) x 8 rows = 8 KiB read + 2 KiB + 256 B written per program, 4 warps,
 # 32 elements per thread, 56 registers.  16 rows: ~5% fewer instructions per element but 98 registers.
-# benchmarks/kernels_nvfp4.py --sweep times the alternatives.
+# benchmarks/bench_nvfp4_kernels.py --sweep times the alternatives.
 DEFAULT_TILE = (8, 32, 4)  # (BLOCK_R, BLOCK_G, num_warps)
 _I32_MAX = 2**31 - 1
 

@@ -1,9 +1,9 @@
 """FP8 -> BF16 dequant kernels on one GPU: the Triton kernel vs the torch multiply path vs a plain copy of
 the same number of bytes (the practical ceiling).
 
-    python benchmarks/kernels.py            # the table (~1 min on an H200)
-    python benchmarks/kernels.py --sweep    # also time tile shapes for three layouts
-    python benchmarks/kernels.py --quick    # fewer cases
+    python benchmarks/bench_fp8_kernels.py            # the table (~1 min on an H200)
+    python benchmarks/bench_fp8_kernels.py --sweep    # also time tile shapes for three layouts
+    python benchmarks/bench_fp8_kernels.py --quick    # fewer cases
 
 Bytes counted = codes read + scale window read + output written (each once).  Times are
 ``triton.testing.do_bench`` medians (it flushes L2 between repetitions); inputs are additionally rotated

@@ -2,8 +2,8 @@
 cuobjdump) and print what each variant's SASS does: registers, shared memory, instruction count, and the
 width of its global loads / stores.  Costs no device time.
 
-    python benchmarks/kernels_sass.py            # the table
-    python benchmarks/kernels_sass.py --dump DIR # also write each variant's .ptx / .sass
+    python benchmarks/bench_fp8_sass.py            # the table
+    python benchmarks/bench_fp8_sass.py --dump DIR # also write each variant's .ptx / .sass
 
 Expected for the default BF16 variant (64x128 tile, 4 warps, aligned): ~60 registers, no shared memory,
 LDG.E.EF.64 for codes, STG.E.128 for the output.

@@ -2,8 +2,8 @@
 cuobjdump) and print what each variant's SASS does: registers, shared memory, spills, instruction counts and
 the width of its global loads / stores.  Costs no device time.
 
-    python benchmarks/kernels_nvfp4_sass.py            # the table
-    python benchmarks/kernels_nvfp4_sass.py --dump DIR # also write each variant's .ttgir / .ptx / .sass
+    python benchmarks/bench_nvfp4_sass.py            # the table
+    python benchmarks/bench_nvfp4_sass.py --dump DIR # also write each variant's .ttgir / .ptx / .sass
 
 Columns: ``static/el`` = all SASS instructions / elements per thread (both division paths, the div_rn slow
 path subroutine included); ``exec/el`` = instructions on the path a normal call executes (the kernel rebuilt

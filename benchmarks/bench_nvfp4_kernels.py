@@ -1,9 +1,9 @@
 """BF16 -> NVFP4 quantization on one GPU: the Triton kernel (triton_nvfp4.py) vs the torch path of nvfp4.py on
 the same GPU vs a plain copy of the same number of bytes (the practical ceiling).
 
-    python benchmarks/kernels_nvfp4.py            # the table (~1-2 min on an H200)
-    python benchmarks/kernels_nvfp4.py --sweep    # also tiles x division path on two shapes
-    python benchmarks/kernels_nvfp4.py --quick    # fewer cases
+    python benchmarks/bench_nvfp4_kernels.py            # the table (~1-2 min on an H200)
+    python benchmarks/bench_nvfp4_kernels.py --sweep    # also tiles x division path on two shapes
+    python benchmarks/bench_nvfp4_kernels.py --quick    # fewer cases
 
 Bytes counted = BF16 read (2 B/element) + packed codes (0.5 B) + E4M3 block scales (1/16 B) written, each
 once: 2.5625 B/element.  Times are ``triton.testing.do_bench`` medians (it flushes L2 between repetitions);
