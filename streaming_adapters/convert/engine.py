@@ -126,6 +126,7 @@ def convert_checkpoint(
                     if error is None:
                         finished.add(step.index)
                         unsynced.append(step.index)
+                        kill_point("step-done")
                     # One small collective per step: any rank's error, and whether any rank wants to sync
                     # (sync points are time-based: every rank must take the same ones).
                     want_sync = i + 1 == len(todo) or time.perf_counter() - last_sync >= sync_every_s
@@ -257,7 +258,7 @@ def _record_and_reraise(e: BaseException, staged: StagedOutput, rank: int, world
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
-    staged.close()
+    staged.release()  # fds and the lock: a retry in this process must not find its own lock held
     if isinstance(e, KeyboardInterrupt):
         what = "SIGTERM" if str(e) == "SIGTERM" else "interrupted (Ctrl-C)"
         raise ConversionInterrupted(

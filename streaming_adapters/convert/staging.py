@@ -40,7 +40,7 @@ BOOK = ".streaming_adapters"
 OWNER = "owner.json"
 TOOL = "streaming_adapters"
 KILL_ENV = "STREAMING_ADAPTERS_TEST_KILL_AT"
-KILL_POINTS = ("prepared", "step-synced", "finalize-written", "finalize-copied", "committed", "old-moved",
+KILL_POINTS = ("prepared", "step-done", "step-synced", "finalize-written", "finalize-copied", "committed", "old-moved",
                "renamed", "parent-synced", "old-removed", "book-partly-removed")
 
 
@@ -68,10 +68,23 @@ def staging_path(dst: Path) -> Path:
     return dst.with_name(dst.name + ".partial")
 
 
+_hits: dict[str, int] = {}
+
+
 def kill_point(name: str) -> None:
-    """Tests: SIGKILL this process at commit-sequence point ``name`` (``$STREAMING_ADAPTERS_TEST_KILL_AT``)."""
-    if os.environ.get(KILL_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Tests: signal this process at point ``name``.  ``$STREAMING_ADAPTERS_TEST_KILL_AT`` is
+    ``name[@k][:SIG]``: the k-th time the point is reached (default 1), signal SIG (default KILL: a real
+    SIGKILL, nothing runs after it; INT/TERM test the interrupt path, USR1 lets a test act mid-run)."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return
+    point, _, sig = spec.partition(":")
+    point, _, k = point.partition("@")
+    if point != name:
+        return
+    _hits[name] = _hits.get(name, 0) + 1
+    if _hits[name] == int(k or 1):
+        os.kill(os.getpid(), getattr(signal, f"SIG{sig or 'KILL'}"))
 
 
 def identity(src: Path | None, dst: Path) -> dict[str, Any]:
