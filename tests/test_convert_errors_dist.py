@@ -1,0 +1,135 @@
+"""An error met by one rank of a conversion is raised by every rank, quickly: a NaN scale in one rank's rows,
+a shard truncated mid-run, a read-only destination.  Real processes (2 ranks, gloo), launched by torchrun
+and as plain processes (env:// rendezvous); each must end within 120 s -- far below the 30-minute
+process-group timeout they would otherwise wait for -- with the named error in its own stderr."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from streaming_adapters.checkpoint import CheckpointIndex
+from streaming_adapters.testing.dist_pool import free_port
+
+pytestmark = pytest.mark.dist
+
+STEP = 200_000
+NAN_TENSOR = "model.layers.2.self_attn.q_proj.weight"  # split by rows at world 2: rows 128.. are rank 1's
+SHARD = "model-00003-of-00003.safetensors"
+
+BODY = r'''
+import datetime, os, signal, sys
+import torch.distributed as dist
+from streaming_adapters.convert import convert_checkpoint
+
+src, dst, shard = sys.argv[1:4]
+dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=30))  # the default a user would have
+rank = dist.get_rank()
+
+def truncate(*_):  # a shard cut short while the conversion runs (the test sets the signal point)
+    path = os.path.join(src, shard)
+    os.truncate(path, os.path.getsize(path) // 2)
+
+signal.signal(signal.SIGUSR1, truncate)
+try:
+    convert_checkpoint(src, dst, target="nvfp4", step_bytes=%d, io_backend="pread", progress=False,
+                       sync_every_s=0)
+except Exception as e:
+    print(f"rank {rank} ERROR {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    sys.exit(3)
+print(f"rank {rank} finished", flush=True)
+''' % STEP
+
+
+def _launch(body: Path, args: list[str], mode: str, env: dict[str, str]) -> list[tuple[int, str]]:
+    """(exit code, stderr) of every rank."""
+    port = str(free_port())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    if mode == "torchrun":
+        logs = body.parent / f"logs-{port}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}",
+               "--master-addr=127.0.0.1", f"--log-dir={logs}", "--redirects=3", str(body), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+        outs = []
+        for r in range(2):
+            err = next(logs.rglob(f"attempt_0/{r}/stderr.log")).read_text()
+            outs.append((proc.returncode, err))
+        return outs
+    procs = [subprocess.Popen([sys.executable, str(body), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for r in range(2)]
+    outs = []
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        outs.append((p.returncode, err))
+    return outs
+
+
+def _assert_every_rank(outs, errors: tuple[str, ...], text: str) -> None:
+    """Each rank printed one named error (the same one; DistributedCheckpointError when ranks met
+    different ones, e.g. both read a truncated shard at other offsets)."""
+    lines = []
+    for rank, (code, err) in enumerate(outs):
+        assert code != 0, f"rank {rank} did not fail:\n{err[-3000:]}"
+        line = next((ln for ln in err.splitlines() if ln.startswith(f"rank {rank} ERROR")), None)
+        assert line is not None, f"rank {rank} did not print the named error:\n{err[-3000:]}"
+        assert line.split()[3].rstrip(":") in errors and text in err, err[-3000:]
+        lines.append(line.split(":", 1)[1])
+    assert len(set(lines)) == 1, lines
+
+
+@pytest.fixture
+def body(tmp_path) -> Path:
+    p = tmp_path / "body.py"
+    p.write_text(BODY)
+    return p
+
+
+@pytest.fixture
+def ck(checkpoints, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(checkpoints("llama", "fp8_block"), tmp_path / "ck"))
+
+
+@pytest.mark.parametrize("mode", ["plain", "torchrun"])
+def test_nan_scale_in_one_ranks_rows(ck, body, tmp_path, mode):
+    idx = CheckpointIndex.open(ck)
+    scale = idx.tensors[NAN_TENSOR + "_scale_inv"]
+    assert scale.dtype == "F32" and scale.shape == (3, 3)
+    with open(ck / scale.file, "r+b") as f:  # block row 2 = weight rows 256..319: only rank 1 reads them
+        f.seek(scale.begin + (2 * 3 + 1) * 4)
+        f.write(struct.pack("<f", float("nan")))
+    t0 = time.time()
+    outs = _launch(body, [str(ck), str(tmp_path / "out"), SHARD], mode, {})
+    _assert_every_rank(outs, ("ScaleLayoutError",), NAN_TENSOR)
+    assert time.time() - t0 < 120 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", ["plain"])  # ~15 s per launch on 2 cores: each case once, both modes covered
+def test_shard_truncated_mid_run(ck, body, tmp_path, mode):
+    env = {"STREAMING_ADAPTERS_TEST_KILL_AT": "step-done@3:USR1"}
+    outs = _launch(body, [str(ck), str(tmp_path / "out"), SHARD], mode, env)
+    _assert_every_rank(outs, ("CorruptCheckpointError", "DistributedCheckpointError"), "truncated")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", ["torchrun"])
+def test_read_only_destination(ck, body, tmp_path, mode):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here (needs root): {proc.stderr.decode().strip()}")
+    try:
+        outs = _launch(body, [str(ck), str(mnt / "out"), SHARD], mode, {})
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    _assert_every_rank(outs, ("OutputWriteError",), "Read-only file system")
