@@ -275,3 +275,65 @@ def test_interrupt_records_the_finished_steps_with_the_default_sync(src, want, t
     assert json.loads((tmp_path / "out.partial" / BOOK / "steps" / "r0of1.json").read_text()) == [0, 1, 2, 3, 4]
     report = convert_checkpoint(src, dst, target="nvfp4", step_bytes=STEP, progress=False)
     assert report.steps_resumed == 5 and _tree(dst) == want
+
+
+def _one_big_weight(root: Path, rows: int, cols: int) -> Path:
+    """A checkpoint of one FP8 linear weight [rows, cols] (random codes, no NaN codes) with 128x128 scales."""
+    import struct
+
+    import torch
+
+    root.mkdir(parents=True)
+    name = "model.layers.0.mlp.gate_proj.weight"
+    srows, scols = -(-rows // 128), -(-cols // 128)
+    header = {name: {"dtype": "F8_E4M3", "shape": [rows, cols], "data_offsets": [0, rows * cols]},
+              name + "_scale_inv": {"dtype": "F32", "shape": [srows, scols],
+                                    "data_offsets": [rows * cols, rows * cols + 4 * srows * scols]}}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 256, (rows * cols,), dtype=torch.uint8, generator=g)
+    codes[(codes & 0x7F) == 0x7F] = 0
+    scales = torch.rand(srows * scols, generator=g) * 1e-3 + 1e-4
+    (root / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + codes.numpy().tobytes()
+                                            + scales.numpy().tobytes())
+    (root / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}}))
+    return root
+
+
+def test_memory_follows_the_step_not_the_tensor(tmp_path):
+    """A weight larger than a step is quantized in row blocks (amax pass, then quantize pass): peak memory
+    follows step_bytes, and the bytes are the same as holding the whole tensor."""
+    from streaming_adapters.testing.rss import RssSampler
+
+    src = _one_big_weight(tmp_path / "src", 4096, 4096)  # 32 MiB of BF16
+    tiny = _one_big_weight(tmp_path / "tiny", 128, 256)  # warms up the code path, not the buffers
+    peaks = {}
+    for step in (64 << 20, 1 << 20):
+        go_r, go_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+
+        def body(step=step):
+            # Warm-up on a tiny weight (imports, lazy tables), so that the measured growth is the working set.
+            convert_checkpoint(tiny, tmp_path / f"warm{step}", target="nvfp4", step_bytes=step, progress=False)
+            os.write(ready_w, b"r")
+            os.read(go_r, 1)
+            convert_checkpoint(src, tmp_path / f"out{step}", target="nvfp4", step_bytes=step, progress=False)
+
+        pid, r = _child(body, wait=False)
+        os.read(ready_r, 1)
+        with RssSampler([pid], interval_s=0.001) as rss:
+            time.sleep(0.02)
+            t0 = time.monotonic()
+            os.write(go_w, b"x")
+            code, msg = _reap(pid, r)
+        assert code == 0, msg
+        peaks[step] = rss.peak(pid, t0, time.monotonic()) - rss.at(pid, t0)
+        print(f"step {step >> 20} MiB: peak RssAnon growth {peaks[step] / 2**20:.1f} MiB")
+        for fd in (go_r, go_w, ready_r, ready_w):
+            os.close(fd)
+    whole, blocked = peaks[64 << 20], peaks[1 << 20]
+    assert whole > 32 << 20, peaks  # holding the tensor: its 32 MiB of BF16 and more
+    assert blocked < whole / 2, peaks  # 1 MiB blocks + quantize temporaries + up to ~15 MiB of fixed scratch
+    assert _tree(tmp_path / f"out{64 << 20}") == _tree(tmp_path / f"out{1 << 20}")
