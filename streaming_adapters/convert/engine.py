@@ -353,7 +353,9 @@ def _read_step(plan, step, rank, filler, staged, dev, pipe, budget, amax, unit_o
         if not lt.shape:  # 0-dim plain tensor
             staged.pwrite(*plan.location(outs[0])[:2], _bytes(filler.io.read(lt.stored)))
             continue
-        if outs[0].role == "copy" or (outs[0].role == "dequant" and pipe is None):
+        nbytes = 2 * math.prod(length)
+        over = held_bytes + nbytes > budget
+        if outs[0].role == "copy" or (outs[0].role == "dequant" and (pipe is None or over)):
             # Streamed: chunk by chunk, never holding the piece.
             for s, n in iter_subboxes(start, length, max_elems):
                 if outs[0].role == "copy":
@@ -363,8 +365,7 @@ def _read_step(plan, step, rank, filler, staged, dev, pipe, budget, amax, unit_o
                     filler.fill(lt, s, n, data)
                 _write_rows(staged, plan, outs[0], s[0], data)
             continue
-        nbytes = 2 * math.prod(length)
-        if outs[0].role != "dequant" and held_bytes + nbytes > budget:
+        if over:
             # Beyond this rank's share of a step: amax now, block by block; quantized in a second pass.
             row_bytes = nbytes // max(1, length[0])
             u = unit_of[piece.tensor]

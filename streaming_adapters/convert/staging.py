@@ -108,17 +108,24 @@ def check_not_overlapping(src: Path, dst: Path) -> None:
 
 
 def write_error(e: OSError, path: Path, doing: str) -> OutputWriteError:
+    """An OSError of the destination as a named error whose fix fits its cause."""
+    why = os.strerror(e.errno or 0)
     if ckfiles.is_enospc(e):
-        fix = ("free space (or quota) on that filesystem, then re-run the same command: it resumes from the "
-               "last finished step")
-    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        fix = "choose a writable output path (output.path=... / dst=...), or fix the folder's permissions"
-    elif e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
-        fix = "a file is in the way of the output folder: move it, or choose another output path"
-    else:
-        fix = "check the output filesystem, then re-run the same command (it resumes)"
-    return OutputWriteError(f"cannot write the output: {doing} failed ({os.strerror(e.errno or 0)})",
-                            file=str(path), expected="a writable folder with enough free space", fix=fix)
+        return OutputWriteError(
+            f"cannot write the output: {doing} failed ({why})", file=str(path),
+            expected="enough free space (and quota) for the output",
+            fix="free space on that filesystem, then re-run the same command: it resumes from the last finished step")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return OutputWriteError(
+            f"cannot write the output: {doing} failed ({why})", file=str(path), expected="a writable folder",
+            fix="choose a writable output path (recipe: output.path=..., Python: dst), or fix the folder's permissions")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return OutputWriteError(
+            f"cannot write the output: {doing} failed ({why})", file=str(path), expected="folders, not files, on the path",
+            fix="a file is in the way of the output folder: move it, or choose another output path")
+    return OutputWriteError(
+        f"cannot write the output: {doing} failed ({why})", file=str(path), expected="a working output filesystem",
+        fix="check the output filesystem, then re-run the same command (it resumes from the last finished step)")
 
 
 class StagedOutput:
