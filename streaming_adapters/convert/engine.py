@@ -203,8 +203,10 @@ def _named(e: BaseException, rank: int, where: Path) -> CheckpointError:
     """Any failure as a CheckpointError, so that it can be gathered and raised on every rank."""
     if isinstance(e, CheckpointError):
         return e
-    if isinstance(e, OSError):
-        return write_error(e, Path(e.filename) if e.filename else where, "an I/O operation")
+    if isinstance(e, OSError):  # writes to the output are named by staging.py; this is the source or else
+        return CheckpointError(f"I/O error ({os.strerror(e.errno or 0)})", file=str(e.filename or where),
+                               expected="a readable checkpoint file",
+                               fix="check the file and its filesystem, then re-run the same command (it resumes)")
     return CheckpointError(f"conversion failed on rank {rank}: {type(e).__name__}: {e}", file=str(where),
                            fix="if the message does not point at the checkpoint, report it as a bug")
 
