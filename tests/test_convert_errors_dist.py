@@ -38,8 +38,12 @@ def truncate(*_):  # a shard cut short while the conversion runs (the test sets 
 
 signal.signal(signal.SIGUSR1, truncate)
 try:
-    convert_checkpoint(src, dst, target="nvfp4", step_bytes=%d, io_backend="pread", progress=False,
-                       sync_every_s=0)
+    if len(sys.argv) > 4:  # verify the converted dst against src
+        from streaming_adapters.convert.verify import verify_checkpoint
+        verify_checkpoint(dst, src)
+    else:
+        convert_checkpoint(src, dst, target="nvfp4", step_bytes=%d, io_backend="pread", progress=False,
+                           sync_every_s=0)
 except Exception as e:
     print(f"rank {rank} ERROR {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     sys.exit(3)
@@ -133,3 +137,25 @@ def test_read_only_destination(ck, body, tmp_path, mode):
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
     _assert_every_rank(outs, ("OutputWriteError",), "Read-only file system")
+
+
+def test_verify_error_on_one_rank(ck, body, tmp_path):
+    """verify_checkpoint (convert's load entry point) checks tensors round-robin by size: a NaN scale in the
+    reference of a tensor that rank 1 checks is raised by both ranks."""
+    import math
+
+    from streaming_adapters.convert import convert_checkpoint
+    from streaming_adapters.formats import get_adapter
+
+    out = tmp_path / "out"
+    convert_checkpoint(ck, out, target="nvfp4", progress=False)
+    idx = CheckpointIndex.open(ck)
+    logical = get_adapter(ck, index=idx).plan.logical
+    names = sorted(logical, key=lambda n: -math.prod(logical[n].shape))
+    name = next(n for i, n in enumerate(names) if i % 2 == 1 and logical[n].scale is not None)
+    scale = logical[name].scale.tensor
+    with open(ck / scale.file, "r+b") as f:
+        f.seek(scale.begin)
+        f.write(struct.pack("<f", float("nan")))
+    outs = _launch(body, [str(ck), str(out), SHARD, "verify"], "plain", {})
+    _assert_every_rank(outs, ("ScaleLayoutError",), name)
