@@ -337,3 +337,17 @@ def test_memory_follows_the_step_not_the_tensor(tmp_path):
     assert whole > 32 << 20, peaks  # holding the tensor: its 32 MiB of BF16 and more
     assert blocked < whole / 2, peaks  # 1 MiB blocks + quantize temporaries + up to ~15 MiB of fixed scratch
     assert _tree(tmp_path / f"out{64 << 20}") == _tree(tmp_path / f"out{1 << 20}")
+
+
+def test_a_private_folder_left_by_a_kill_is_swept(src, want, tmp_path):
+    """A job killed inside the atomic creation leaves ``<dst>.partial.new-<host>-<pid>`` (owned, unlocked):
+    the next run deletes it; one whose lock is held, or made for another destination, is left alone."""
+    dst = tmp_path / "out"
+    left = tmp_path / "out.partial.new-host-1"
+    (left / BOOK).mkdir(parents=True)
+    (left / BOOK / "owner.json").write_text(json.dumps({"tool": "streaming_adapters", "dst": str(dst)}))
+    foreign = tmp_path / "out.partial.new-host-2"
+    (foreign / BOOK).mkdir(parents=True)
+    (foreign / BOOK / "owner.json").write_text(json.dumps({"tool": "streaming_adapters", "dst": "/elsewhere"}))
+    convert_checkpoint(src, dst, target="nvfp4", step_bytes=STEP, progress=False)
+    assert not left.exists() and foreign.exists() and _tree(dst) == want

@@ -168,6 +168,7 @@ class StagedOutput:
             self.dst.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise write_error(e, self.dst.parent, "creating the output's parent folder") from None
+        self._sweep_private()
         if not os.path.lexists(self.root):
             self._create()
         if not self._ours(self.root / BOOK):
@@ -212,6 +213,19 @@ class StagedOutput:
                 return
             raise write_error(e, self.root, "creating the staging folder") from None
         _fsync_dir(self.root.parent)
+
+    def _sweep_private(self) -> None:
+        """Delete private folders (``<dst>.partial.new-*``) left by a job killed inside :meth:`_create`: only
+        those whose marker names this destination and whose lock is free (their job is gone)."""
+        for p in self.root.parent.glob(f"{self.root.name}.new-*"):
+            if not self._ours(p / BOOK):
+                continue
+            try:
+                with open(p / BOOK / "lock", "a+") as f:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    shutil.rmtree(p)
+            except OSError:
+                continue  # still held: a job is creating it right now
 
     def _reset(self, want: dict[str, Any]) -> None:
         """Empty the staging folder (ours, locked) but its owner marker and lock, then preallocate the files."""
