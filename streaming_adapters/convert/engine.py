@@ -95,8 +95,7 @@ def convert_checkpoint(
             error = _named(e, rank, dst)
             staged.release()
     raise_on_all_ranks(error, process_group)
-    done = all_gather_object(done, process_group)[0]
-    committed = len(done) == len(plan.steps) and staged.committed
+    done, committed = all_gather_object((done, staged.committed), process_group)[0]  # rank 0 decided
 
     io = BoxReader(index.path, io_backend)
     filler = BoxFiller(io, chunk_bytes)
@@ -280,10 +279,14 @@ def _progress(plan: ConversionPlan, enabled: bool):
 
 
 def _prefetch(plan: ConversionPlan, step: Step, rank: int, io: BoxReader) -> None:
-    for p in step.pieces.get(rank, []):
-        lt = plan.logical[p.tensor]
-        if lt.shape:
-            io.prefetch(lt.stored, (p.r0,) + (0,) * (len(lt.shape) - 1), (p.r1 - p.r0, *lt.shape[1:]))
+    """Advisory only: a failure here (a shard that changed) is met, named and gathered by the step's read."""
+    try:
+        for p in step.pieces.get(rank, []):
+            lt = plan.logical[p.tensor]
+            if lt.shape:
+                io.prefetch(lt.stored, (p.r0,) + (0,) * (len(lt.shape) - 1), (p.r1 - p.r0, *lt.shape[1:]))
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def _bytes(t: torch.Tensor) -> memoryview:
