@@ -1,14 +1,17 @@
 """``convert_checkpoint``: FP8 -> BF16 or NVFP4, every rank of a group converting its share, step by step.
 
 Per step, on each rank: read + dequantize its row pieces (BF16, on ``device``); for NVFP4, take the
-max |W| of every amax unit over the rank's pieces, all-reduce MAX across ranks (one collective per step),
-derive each unit's global scale, quantize, and ``pwrite`` the rows into the preallocated output files.
-Then fsync, barrier, and rank 0 marks the step done (the resume point).
+max |W| of every amax unit over the rank's pieces, all-reduce MAX across ranks (with a slot that says
+whether any rank failed), derive each unit's global scale, quantize, and ``pwrite`` the rows into the
+preallocated output files.  Each step ends with one small all-reduce [any rank failed, any rank wants a
+sync point]; at a sync point every rank fsyncs, errors are gathered (the barrier) and rank 0 marks the
+steps done (the resume points).  An error on one rank is therefore raised by every rank at the next
+collective, never a hang; on Ctrl-C / SIGTERM / any error every rank records the steps it finished.
 
-Memory model (per rank): the BF16 of the rank's pieces of one step (about ``step_bytes / world``; a
-fused unit is never split across steps, so at least one unit's share), plus the NVFP4 outputs of one
-piece and the reader's chunk.  Copies (norms, embeddings) and BF16 outputs stream chunk by chunk and
-are never held.
+Memory model (per rank): the BF16 of the rank's pieces of one step, at most ``step_bytes / world``;
+a piece beyond that (a fused unit larger than a step, or a header claiming a huge tensor) is converted
+in row blocks of that size, read twice (amax, then quantize).  Plus the NVFP4 outputs of one block and
+the reader's chunk.  Copies (norms, embeddings) and BF16 outputs stream chunk by chunk and are never held.
 """
 
 from __future__ import annotations
