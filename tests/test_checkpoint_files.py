@@ -187,3 +187,25 @@ def test_extra_file_copy_is_bounded(checkpoints, tmp_path):
     (root / "small.txt").write_text("x" * 100)
     ckfiles.copy_bounded(root, "small.txt", tmp_path / "dst" / "small.txt", limit=100)
     assert (tmp_path / "dst" / "small.txt").read_text() == "x" * 100
+
+
+@pytest.mark.parametrize("name", ["config.json", ".hidden.safetensors", "sub/.x/f.safetensors"])
+def test_a_shard_named_like_an_output_file_is_refused(checkpoints, tmp_path, name):
+    """config.json / the index would be overwritten by the output's own; dot-names are bookkeeping."""
+    ck = _copy(checkpoints("llama", "fp8_block"), tmp_path / "ck")
+    index = json.loads((ck / INDEX).read_text())
+    old = "model-00003-of-00003.safetensors"
+    if name == "config.json":
+        os.rename(ck / "config.json", ck / "cfg.bak")
+    (ck / name).parent.mkdir(parents=True, exist_ok=True)
+    os.rename(ck / old, ck / name)
+    index["weight_map"] = {k: (name if v == old else v) for k, v in index["weight_map"].items()}
+    (ck / INDEX).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError) as e:
+        convert_checkpoint(ck, tmp_path / "out", target="bf16", progress=False)
+    assert not (tmp_path / "out").exists() and name in str(e.value)
+
+
+def test_output_path_without_a_name_is_refused(checkpoints):
+    with pytest.raises(CheckpointError, match="no folder name"):
+        convert_checkpoint(checkpoints("llama", "fp8_block"), "/", target="bf16", progress=False)

@@ -82,11 +82,11 @@ def convert_checkpoint(
         index = CheckpointIndex.open(src)
         adapter = get_adapter(src, index=index)
         plan = make_plan(index, adapter, target, format, world, step_bytes=step_bytes, ignore=ignore)
+        staged = StagedOutput(dst, plan, src=index.path)
     except Exception as e:  # noqa: BLE001 -- every rank must learn of it (gathered below)
         error = _named(e, rank, src)
     raise_on_all_ranks(error, process_group)
     assert plan is not None
-    staged = StagedOutput(dst, plan, src=index.path)
 
     error, done = None, set()
     if rank == 0:

@@ -29,6 +29,8 @@ from .targets import NVFP4_GROUP, is_linear_weight, normalize_target, outputs_fo
 
 FUSED_MEMBERS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"),
                  ("w1", "w3"))
+# Written by the conversion next to the shards (and its bookkeeping folder, a dot-folder).
+_RESERVED = frozenset({"model.safetensors.index.json", "config.json", "hf_quant_config.json"})
 # 1 GiB of BF16 per step: a Llama-70B decoder layer (1.7 GB BF16) is two steps; per rank at world 8 a step
 # holds 128 MiB, well inside the "one group's share + 256 MiB" memory bar.
 DEFAULT_STEP_BYTES = 1 << 30
@@ -128,6 +130,12 @@ def make_plan(
     if len(file_of) != sum(len(v) for v in outputs.values()):
         raise CheckpointError("two source tensors map to the same output name", file=str(index.path),
                               expected="unique output names", fix="report this checkpoint layout as a bug")
+    for f in per_file:  # names are normalised by the index (checkpoint/files.py); these would be overwritten
+        if f in _RESERVED or any(part.startswith(".") for part in f.split("/")):
+            raise CheckpointError(
+                f"a shard's name {f!r} is one the converted output needs for itself", file=str(index.path / f),
+                expected=f"a shard name other than {sorted(_RESERVED)} and not starting with '.'",
+                fix="rename the shard (and its entries in model.safetensors.index.json)")
     files = {f: layout_file(f, ts) for f, ts in sorted(per_file.items())}
 
     # Units, in checkpoint (layer) order.

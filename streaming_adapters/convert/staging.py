@@ -133,6 +133,9 @@ class StagedOutput:
 
     def __init__(self, dst: Path, plan: ConversionPlan, src: Path | None = None) -> None:
         self.dst = Path(dst).absolute()
+        if not self.dst.name or self.dst.name in (".", ".."):
+            raise OutputWriteError("the output path has no folder name", file=str(dst),
+                                   expected="a path ending in the new folder's name", fix="name the output folder")
         self.root = staging_path(self.dst)
         self.plan = plan
         self.src = Path(src) if src is not None else Path(plan.source)
