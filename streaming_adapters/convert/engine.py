@@ -224,23 +224,30 @@ def _any_over_ranks(flags: list[bool], group) -> list[bool]:
 
 class _sigterm_as_interrupt:
     """SIGTERM (a scheduler's or torchrun's stop) becomes a KeyboardInterrupt, so the finished steps are
-    recorded the same way as on Ctrl-C.  Only the main thread can set handlers; elsewhere a no-op."""
+    recorded the same way as on Ctrl-C; both are remembered in ``received``: a rank whose collective failed
+    because a peer left on Ctrl-C is reported as interrupted too.  Only the main thread can set handlers;
+    elsewhere a no-op."""
+
+    received: str | None = None
 
     def __enter__(self):
-        self.old = None
-        try:
-            self.old = signal.signal(signal.SIGTERM, self._raise)
-        except ValueError:  # not the main thread
-            pass
+        self.old = {}
+        _sigterm_as_interrupt.received = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.old[sig] = signal.signal(sig, self._raise)
+            except ValueError:  # not the main thread
+                pass
         return self
 
     @staticmethod
     def _raise(signum, frame):
-        raise KeyboardInterrupt("SIGTERM")
+        _sigterm_as_interrupt.received = "SIGTERM" if signum == signal.SIGTERM else "interrupted (Ctrl-C)"
+        raise KeyboardInterrupt(_sigterm_as_interrupt.received)
 
     def __exit__(self, *exc):
-        if self.old is not None:
-            signal.signal(signal.SIGTERM, self.old)
+        for sig, h in self.old.items():
+            signal.signal(sig, h)
 
 
 def _record_and_reraise(e: BaseException, staged: StagedOutput, rank: int, world: int, finished: set[int],
@@ -263,8 +270,8 @@ def _record_and_reraise(e: BaseException, staged: StagedOutput, rank: int, world
         for sig, h in old.items():
             signal.signal(sig, h)
     staged.release()  # fds and the lock: a retry in this process must not find its own lock held
-    if isinstance(e, KeyboardInterrupt):
-        what = "SIGTERM" if str(e) == "SIGTERM" else "interrupted (Ctrl-C)"
+    if isinstance(e, KeyboardInterrupt) or _sigterm_as_interrupt.received:
+        what = _sigterm_as_interrupt.received or "interrupted (Ctrl-C)"
         raise ConversionInterrupted(
             f"{what}: {len(finished)} of {total} steps are finished on rank {rank}"
             f"{'' if recorded else ' (could not record them)'}; run the same command again to resume from "
