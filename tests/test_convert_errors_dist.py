@@ -38,17 +38,19 @@ def truncate(*_):  # a shard cut short while the conversion runs (the test sets 
 
 signal.signal(signal.SIGUSR1, truncate)
 try:
-    if len(sys.argv) > 4:  # verify the converted dst against src
+    if len(sys.argv) > 4 and sys.argv[4] == "verify":  # verify the converted dst against src
         from streaming_adapters.convert.verify import verify_checkpoint
         verify_checkpoint(dst, src)
+    elif len(sys.argv) > 4:  # the default 30 s sync: no sync point before the interrupt
+        convert_checkpoint(src, dst, target="nvfp4", step_bytes=%d, progress=False)
     else:
         convert_checkpoint(src, dst, target="nvfp4", step_bytes=%d, io_backend="pread", progress=False,
                            sync_every_s=0)
-except Exception as e:
+except (Exception, KeyboardInterrupt) as e:
     print(f"rank {rank} ERROR {type(e).__name__}: {e}", file=sys.stderr, flush=True)
     sys.exit(3)
 print(f"rank {rank} finished", flush=True)
-''' % STEP
+''' % (STEP, STEP)
 
 
 def _launch(body: Path, args: list[str], mode: str, env: dict[str, str]) -> list[tuple[int, str]]:
@@ -159,3 +161,28 @@ def test_verify_error_on_one_rank(ck, body, tmp_path):
         f.write(struct.pack("<f", float("nan")))
     outs = _launch(body, [str(ck), str(out), SHARD, "verify"], "plain", {})
     _assert_every_rank(outs, ("ScaleLayoutError",), name)
+
+
+def test_ctrl_c_on_every_rank_keeps_the_finished_steps(ck, body, tmp_path):
+    """SIGINT on both ranks after their third step, with the default 30 s sync (no sync point yet): every
+    rank records its steps, says how to resume; a re-run (on 1 rank: steps do not depend on the world)
+    resumes them and ends byte-identical to an uninterrupted conversion."""
+    import json
+
+    from streaming_adapters.convert import convert_checkpoint
+
+    out = tmp_path / "out"
+    outs = _launch(body, [str(ck), str(out), SHARD, "interrupt"], "plain",
+                   {"STREAMING_ADAPTERS_TEST_KILL_AT": "step-done@3:INT"})
+    for rank, (code, err) in enumerate(outs):
+        assert code == 3 and f"rank {rank} ERROR ConversionInterrupted: interrupted (Ctrl-C): 3 of" in err, err
+        assert "output.restart=true" in err
+    steps = tmp_path / "out.partial" / ".streaming_adapters" / "steps"
+    assert [json.loads((steps / f"r{r}of2.json").read_text()) for r in range(2)] == [[0, 1, 2], [0, 1, 2]]
+    report = convert_checkpoint(ck, out, target="nvfp4", step_bytes=STEP, progress=False)
+    assert report.steps_resumed == 3
+    want = tmp_path / "want"
+    convert_checkpoint(ck, want, target="nvfp4", step_bytes=STEP, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in want.iterdir())
+    for p in want.iterdir():
+        assert (out / p.name).read_bytes() == p.read_bytes(), p.name
