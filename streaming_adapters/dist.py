@@ -53,3 +53,17 @@ def raise_gathered(errors: dict[int, BaseException]) -> None:
     if isinstance(first, CheckpointError) and all(str(e) == str(first) for e in errors.values()):
         raise first
     raise DistributedCheckpointError(errors)
+
+
+def run_then_gather(fn, group: dist.ProcessGroup | None = None):
+    """Collective: ``fn()`` on every rank, then every rank raises if any rank's call failed (a failure that is
+    not a :class:`CheckpointError` is named as one), so no rank waits at the next collective for a rank that
+    is gone.  Returns ``fn()``'s result."""
+    error, result = None, None
+    try:
+        result = fn()
+    except Exception as e:  # noqa: BLE001 -- every rank must learn of it
+        error = e if isinstance(e, CheckpointError) else CheckpointError(
+            f"{type(e).__name__}: {e}", fix="if the message does not point at the checkpoint, report it as a bug")
+    raise_on_all_ranks(error, group)
+    return result

@@ -29,7 +29,8 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from ..errors import CheckpointError, CorruptCheckpointError, UnsafePathError
+from ..errors import CheckpointError, CorruptCheckpointError
+from . import files as _files
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
@@ -118,10 +119,10 @@ class CheckpointIndex:
                 fix="pass the folder that holds the safetensors files",
             )
         root = root.resolve()
-        config = _read_json(root / CONFIG_NAME) if (root / CONFIG_NAME).exists() else {}
-        modelopt = (
-            _read_json(root / MODELOPT_CONFIG_NAME) if (root / MODELOPT_CONFIG_NAME).exists() else None
-        )
+        config_path = _files.optional_file(root, CONFIG_NAME)  # a link outside the folder is refused
+        config = _read_json(config_path) if config_path is not None else {}
+        modelopt_path = _files.optional_file(root, MODELOPT_CONFIG_NAME)
+        modelopt = _read_json(modelopt_path) if modelopt_path is not None else None
         weight_map = _weight_map(root)
         files = sorted(set(weight_map.values())) if weight_map is not None else _glob_files(root)
         if not files:
@@ -237,8 +238,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _weight_map(root: Path) -> dict[str, str] | None:
-    index_path = root / INDEX_NAME
-    if not index_path.exists():
+    index_path = _files.optional_file(root, INDEX_NAME)
+    if index_path is None:
         return None
     wm = _read_json(index_path).get("weight_map")
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
@@ -247,25 +248,22 @@ def _weight_map(root: Path) -> dict[str, str] | None:
             expected='{"weight_map": {"<tensor>": "<file>.safetensors", ...}}',
             fix="regenerate the index, or delete it to let the folder's *.safetensors be read",
         )
-    return wm
+    # Two spellings of one shard (./f.safetensors, f.safetensors/) are one file: one key, one output file.
+    return {k: _files.normalize_name(v, root=root, source=INDEX_NAME) for k, v in wm.items()}
 
 
 def _glob_files(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.name.endswith(".safetensors") and p.is_file())
+    # Links count (the hub cache's snapshot files are links into blobs/); _safe_join checks where they go.
+    return sorted(p.name for p in root.iterdir() if p.name.endswith(".safetensors") and os.path.lexists(p))
 
 
 def _safe_join(root: Path, rel: str, *, source: str) -> Path:
-    """Refuse names that leave the checkpoint folder: absolute paths, '..', or links pointing out."""
-    bad = os.path.isabs(rel) or any(part == ".." for part in Path(rel).parts) or "\x00" in rel
-    full = (root / rel).resolve() if not bad else None
-    if bad or (full is not None and root not in full.parents):
-        raise UnsafePathError(
-            "a file name points outside the checkpoint folder",
-            file=rel,
-            expected=f"a relative name inside {root} (named by {source})",
-            fix="do not load this checkpoint as it is; a checkpoint is untrusted input. Fix the index "
-            "or move the files into the folder",
-        )
+    """The checked path of checkpoint file ``rel``: normalised, resolved, inside the folder (or the hub
+    cache's blobs/ of this repository), a regular file (checkpoint/files.py)."""
+    rel = _files.normalize_name(rel, root=root, source=source)
+    full = _files.resolve(root, rel, source=source)
+    if os.path.exists(full):  # a missing file is named by the caller, with the tensor the index puts there
+        _files.regular(root, rel, full)
     return full
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -28,6 +29,8 @@ from .targets import NVFP4_GROUP, is_linear_weight, normalize_target, outputs_fo
 
 FUSED_MEMBERS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"),
                  ("w1", "w3"))
+# Written by the conversion next to the shards (and its bookkeeping folder, a dot-folder).
+_RESERVED = frozenset({"model.safetensors.index.json", "config.json", "hf_quant_config.json"})
 # 1 GiB of BF16 per step: a Llama-70B decoder layer (1.7 GB BF16) is two steps; per rank at world 8 a step
 # holds 128 MiB, well inside the "one group's share + 256 MiB" memory bar.
 DEFAULT_STEP_BYTES = 1 << 30
@@ -62,7 +65,8 @@ class ConversionPlan:
     file_of: dict[str, str]                  # output tensor -> file
     steps: list[Step]
     ignore: list[str]
-    fingerprint: str
+    fingerprint: str                         # options + layout: a resume must match it
+    source_fingerprint: str = ""             # the source files' identity and content sample (see below)
 
     def location(self, out: OutputTensor) -> tuple[str, int, int]:
         f = self.file_of[out.name]
@@ -145,6 +149,12 @@ def make_plan(
     if len(file_of) != sum(len(v) for v in outputs.values()):
         raise CheckpointError("two source tensors map to the same output name", file=str(index.path),
                               expected="unique output names", fix="report this checkpoint layout as a bug")
+    for f in per_file:  # names are normalised by the index (checkpoint/files.py); these would be overwritten
+        if f in _RESERVED or any(part.startswith(".") for part in f.split("/")):
+            raise CheckpointError(
+                f"a shard's name {f!r} is one the converted output needs for itself", file=str(index.path / f),
+                expected=f"a shard name other than {sorted(_RESERVED)} and not starting with '.'",
+                fix="rename the shard (and its entries in model.safetensors.index.json)")
     files = {f: layout_file(f, ts) for f, ts in sorted(per_file.items())}
 
     # Units, in checkpoint (layer) order.
@@ -173,7 +183,7 @@ def make_plan(
 
     fp = _fingerprint(index, target, fmt, user_ignore, step_bytes)
     return ConversionPlan(str(index.path), target, fmt, logical, nvfp4, outputs, files, file_of, steps,
-                          sorted(ignore_list), fp)
+                          sorted(ignore_list), fp)  # source_fingerprint: set on rank 0 only (it reads)
 
 
 def _bf16_bytes(lt: LogicalTensor) -> int:
@@ -226,4 +236,27 @@ def _fingerprint(index: CheckpointIndex, target: str, fmt: str | None, ignore: l
     for name, t in sorted(index.tensors.items()):
         h.update(f"{name}:{t.file}:{t.dtype}:{t.shape}:{t.begin}".encode())
     h.update(json.dumps(index.config, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+# Bytes hashed at the end of each file: the last tensor's tail (a re-quantized revision of the same layout
+# changes it).  64 KiB: one read per file, ~1 ms warm (docs/architecture.md "Resume fingerprint").
+_TAIL_SAMPLE = 64 * 1024
+
+
+def source_fingerprint(index: CheckpointIndex) -> str:
+    """What identifies the source's *content* at resume time: per file its size, mtime_ns and inode (a
+    download or copy of another revision gets new ones), a sha256 of its whole header and of its last
+    64 KiB.  Inodes are kept but not device numbers: those differ between the NFS clients of one file."""
+    h = hashlib.sha256()
+    for rel in sorted(index.file_sizes):
+        path = index.file_path(rel)
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}".encode())
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            h.update(head + f.read(min(n, st.st_size)))  # the header was validated: n fits the file
+            f.seek(max(0, st.st_size - _TAIL_SAMPLE))
+            h.update(f.read(_TAIL_SAMPLE))
     return h.hexdigest()

@@ -20,7 +20,7 @@ import torch
 
 from ..checkpoint.byteio import BoxReader
 from ..checkpoint.index import CheckpointIndex
-from ..dist import all_gather_object, rank_and_world
+from ..dist import all_gather_object, rank_and_world, run_then_gather
 from ..errors import CheckpointError
 from ..fill import BoxFiller, iter_subboxes
 from ..formats import get_adapter
@@ -113,22 +113,25 @@ def verify_checkpoint(
 ) -> VerifyReport:
     """Compare a converted checkpoint with its FP8 reference, tensor by tensor, streaming."""
     rank, world = rank_and_world(process_group)
-    out_idx = CheckpointIndex.open(nvfp4_dir)
-    ref_idx = CheckpointIndex.open(reference)
-    ref_adapter = get_adapter(reference, index=ref_idx)
-    fmt = _output_format(out_idx.config)
-    report = VerifyReport(str(out_idx.path), str(ref_idx.path), fmt)
-    logical = ref_adapter.plan.logical
-    names = sorted(logical, key=lambda n: -math.prod(logical[n].shape))
-    mine = [n for i, n in enumerate(names) if i % world == rank]
-    checks, missing = [], []
-    with BoxReader(ref_idx.path) as rio, BoxReader(out_idx.path) as oio:
-        filler = BoxFiller(rio)
-        for name in mine:
-            try:
-                checks.append(_check_tensor(name, logical[name], filler, oio, out_idx, fmt))
-            except KeyError as e:
-                missing.append(f"{name} ({e.args[0]})")
+
+    def mine():  # an error on one rank is raised on every rank (run_then_gather), never a hang
+        out_idx = CheckpointIndex.open(nvfp4_dir)
+        ref_idx = CheckpointIndex.open(reference)
+        ref_adapter = get_adapter(reference, index=ref_idx)
+        fmt = _output_format(out_idx.config)
+        logical = ref_adapter.plan.logical
+        names = sorted(logical, key=lambda n: -math.prod(logical[n].shape))
+        checks, missing = [], []
+        with BoxReader(ref_idx.path) as rio, BoxReader(out_idx.path) as oio:
+            filler = BoxFiller(rio)
+            for name in [n for i, n in enumerate(names) if i % world == rank]:
+                try:
+                    checks.append(_check_tensor(name, logical[name], filler, oio, out_idx, fmt))
+                except KeyError as e:
+                    missing.append(f"{name} ({e.args[0]})")
+        return VerifyReport(str(out_idx.path), str(ref_idx.path), fmt), checks, missing
+
+    report, checks, missing = run_then_gather(mine, process_group)
     for part in all_gather_object((checks, missing), process_group):
         report.tensors += part[0]
         report.missing += part[1]
