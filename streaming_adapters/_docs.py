@@ -31,7 +31,8 @@ def _literal(node) -> str | None:
 def error_sites() -> list[dict[str, str]]:
     """Every raise of one of our errors with a literal message: class, message, fix, where."""
     classes = {"CheckpointError", "CorruptCheckpointError", "UnsafePathError", "MissingScaleError",
-               "ScaleLayoutError", "UnknownFormatError", "DestinationError", "OutputExistsError"}
+               "ScaleLayoutError", "UnknownFormatError", "DestinationError", "OutputExistsError",
+               "CalibrationDataError"}
     sites = []
     for path in sorted(PKG.rglob("*.py")):
         tree = ast.parse(path.read_text())
