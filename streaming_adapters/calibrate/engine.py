@@ -1,0 +1,147 @@
+"""The per-layer calibration loop: one decoder layer real at a time, every sample through it.
+
+Per decoder layer ``i`` on each rank: fill the layer from the FP8 checkpoint (``Skeleton.fill_layer``, the
+project's reader, bit-exact BF16), hook every target ``nn.Linear`` with a forward-pre hook keeping a running
+``max |x|`` in BF16 (llm-compressor's ``static_minmax``, ModelOpt's ``MaxCalibrator``), run the rank's
+samples through the layer one at a time (batch 1), store the layer's **unquantized** outputs as the next
+layer's inputs (what both producers do, formats.md §4), free the layer.  Then one all-reduce MAX of the
+layer's amax vector over the ranks (fp32: exact for BF16 values; gloo has no BF16 MAX).
+
+Ranks split the samples (contiguous, balanced by tokens); since max is exact and order-free, the table
+is the same bits for any world size.
+
+Memory per rank: one decoder layer (BF16) + the embedding + one sample's activations on ``device``; the
+rank's hidden states on the host (``store.HiddenStore``: within ``host_budget_bytes``, else spilled).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..dist import is_dist, rank_and_world
+from ..errors import CheckpointError
+from ..report import MemoryMonitor
+from .data import CalibrationTokens
+from .skeleton import Skeleton
+from .store import HiddenStore
+
+
+@dataclass
+class CalibrationResult:
+    """What calibration measured: ``amax[module] = max |x|`` of its input (a BF16 value, as a float)."""
+
+    amax: dict[str, float]
+    tokens_sha256: str
+    samples: int
+    tokens: int
+    seq_len: int
+    moe_all_experts: bool
+    spilled: bool = False
+    seconds: float = 0.0
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def calibrate_activations(
+    checkpoint: str | Path,
+    tokens: CalibrationTokens,
+    targets: set[str],
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    device: str | torch.device = "cpu",
+    host_budget_bytes: int = 32 << 30,
+    work_dir: str | Path | None = None,
+    moe_all_experts: bool = True,
+    progress: bool = False,
+) -> CalibrationResult:
+    """Measure the input amax of every module in ``targets`` (checkpoint module names, e.g.
+    ``model.layers.0.self_attn.q_proj``) over ``tokens``.  Called on every rank of ``process_group``."""
+    rank, world = rank_and_world(process_group)
+    dev = torch.device(device)
+    t0 = time.perf_counter()
+    sk = Skeleton(checkpoint, dev, process_group)
+    mine = tokens.shard(rank, world)
+    store = HiddenStore([int(tokens.samples[j].numel()) for j in mine], sk.hidden_size,
+                        budget_bytes=host_budget_bytes, work_dir=work_dir, pin=dev.type == "cuda", tag=f"rank{rank}")
+    with torch.no_grad():
+        for k, j in enumerate(mine):
+            store.write(k, sk.embed(tokens.samples[j]))
+        store.advance()
+    amax: dict[str, float] = {}
+    layers: list[dict[str, Any]] = []
+    try:
+        for i in range(sk.num_layers):
+            stats = _run_layer(sk, i, store, targets, amax, process_group, dev)
+            layers.append(stats)
+            if progress and rank == 0:
+                print(_line(stats, sk.num_layers, tokens.num_tokens), flush=True)
+    finally:
+        store.close()
+    missing = sorted(targets - set(amax))
+    if missing:
+        raise CheckpointError(f"{len(missing)} quantized Linear(s) got no activation scale (examples={missing[:3]})",
+                              file=str(checkpoint), tensor=missing[0],
+                              expected="every NVFP4 Linear an nn.Linear of the transformers model",
+                              fix="this family's layout is not calibrated yet (docs/calibration.md lists the "
+                              "supported ones); convert without calibration for weight-only NVFP4A16")
+    return CalibrationResult(amax=dict(sorted(amax.items())), tokens_sha256=tokens.sha256,
+                             samples=len(tokens.samples), tokens=tokens.num_tokens, seq_len=tokens.seq_len,
+                             moe_all_experts=moe_all_experts, spilled=store.spilled,
+                             seconds=time.perf_counter() - t0, layers=layers)
+
+
+def _run_layer(sk: Skeleton, i: int, store: HiddenStore, targets: set[str], amax: dict[str, float],
+               group, dev: torch.device) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    with MemoryMonitor(dev if dev.type == "cuda" else None) as mem:
+        layer = sk.fill_layer(i)
+        t_fill = time.perf_counter() - t0
+        linears = {n: m for n, m in sk.linear_names(i).items() if n in targets}
+        names = sorted(linears)
+        running = torch.zeros(len(names), dtype=torch.bfloat16, device=dev)
+        hooks = [linears[n].register_forward_pre_hook(_hook(running, k)) for k, n in enumerate(names)]
+        try:
+            for j in range(len(store)):
+                x = store.read(j).to(dev, non_blocking=True)
+                out = layer(x[None], **sk.layer_kwargs(x.shape[0]))
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                store.write(j, out[0])
+        finally:
+            for h in hooks:
+                h.remove()
+        store.advance()
+        sk.free_layer(i)
+        red = running.float()  # BF16 values are exact in fp32; gloo cannot reduce BF16 with MAX
+        if is_dist(group):
+            on = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+            red = red.to(on)
+            dist.all_reduce(red, op=dist.ReduceOp.MAX, group=group)
+        vals = red.cpu().tolist()
+    for n, v in zip(names, vals):
+        amax[n] = v
+    return {"layer": i, "linears": len(names), "seconds": time.perf_counter() - t0, "fill_s": t_fill,
+            "amax_min": min(vals) if vals else None, "amax_max": max(vals) if vals else None,
+            "peak_host_bytes": mem.peak_host, "peak_gpu_bytes": mem.peak_gpu if dev.type == "cuda" else None}
+
+
+def _hook(running: torch.Tensor, k: int):
+    def pre(_mod, args):
+        x = args[0]
+        running[k] = torch.maximum(running[k], x.detach().abs().amax().to(running.dtype))
+
+    return pre
+
+
+def _line(s: dict[str, Any], n: int, tokens: int) -> str:
+    gpu = f", GPU peak {s['peak_gpu_bytes'] / 2**30:.2f} GiB" if s["peak_gpu_bytes"] is not None else ""
+    rng = f"amax {s['amax_min']:.4g}..{s['amax_max']:.4g}" if s["linears"] else "no quantized Linear"
+    return (f"calibrate layer {s['layer'] + 1}/{n}: {s['linears']} Linear(s), {rng}, {s['seconds']:.2f} s "
+            f"({tokens / max(s['seconds'], 1e-9):,.0f} tok/s), host peak {s['peak_host_bytes'] / 2**30:.2f} GiB{gpu}")

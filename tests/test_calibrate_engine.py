@@ -1,0 +1,85 @@
+"""The per-layer engine against a whole-model BF16 forward with hooks (what both producers measure)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from streaming_adapters.calibrate.data import CalibrationTokens
+from streaming_adapters.calibrate.engine import calibrate_activations
+from streaming_adapters.checkpoint.index import CheckpointIndex
+from streaming_adapters.convert.plan import make_plan
+from streaming_adapters.errors import CheckpointError
+from streaming_adapters.formats import get_adapter
+from streaming_adapters.models.load import load_fp8_checkpoint
+
+
+def targets_of(path) -> set[str]:
+    index = CheckpointIndex.open(path)
+    plan = make_plan(index, get_adapter(path, index=index), "nvfp4", None, 1)
+    return {n[: -len(".weight")] for n, q in plan.nvfp4.items() if q}
+
+
+def tokens(n=4, seed=0) -> CalibrationTokens:
+    g = torch.Generator().manual_seed(seed)
+    return CalibrationTokens([torch.randint(3, 1001, (int(torch.randint(5, 40, (1,), generator=g)),), generator=g)
+                              for _ in range(n)], "test", 64)
+
+
+def whole_model_amax(path, toks: CalibrationTokens) -> dict[str, float]:
+    """Reference: the full BF16 model (transformers, eager, filled by the loader), every sample through
+    ``model(input_ids, attention_mask)``, a running max |x| per Linear."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(str(path))
+    del cfg.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="eager")
+    model.to_empty(device="cpu")
+    load_fp8_checkpoint(model, path, strict=False)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
+    model.eval()
+    amax: dict[str, torch.Tensor] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            def pre(_m, args, name=name):
+                a = args[0].abs().amax()
+                amax[name] = torch.maximum(amax[name], a) if name in amax else a
+            mod.register_forward_pre_hook(pre)
+    with torch.no_grad():
+        for s in toks.samples:
+            model(input_ids=s[None], attention_mask=torch.ones(1, s.numel(), dtype=torch.int64), use_cache=False)
+    return {k: float(v) for k, v in amax.items()}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+def test_layer_by_layer_equals_whole_model(checkpoints, family):
+    path = checkpoints(family, "fp8_block")
+    toks = tokens()
+    targets = targets_of(path)
+    got = calibrate_activations(path, toks, targets)
+    want = whole_model_amax(path, toks)
+    assert set(got.amax) == targets and len(targets) == 6 * 3  # q k v o gate up (down: K=200 % 16 != 0)
+    for name in targets:
+        assert got.amax[name] == want[name], name
+        assert got.amax[name] > 0
+    assert got.tokens_sha256 == toks.sha256 and len(got.layers) == 3
+    assert got.amax["model.layers.1.self_attn.q_proj"] == got.amax["model.layers.1.self_attn.v_proj"]
+
+
+def test_spill_to_disk_gives_the_same_table(checkpoints, tmp_path):
+    path = checkpoints("llama", "fp8_block")
+    toks = tokens(3, seed=5)
+    targets = targets_of(path)
+    mem = calibrate_activations(path, toks, targets)
+    disk = calibrate_activations(path, toks, targets, host_budget_bytes=0, work_dir=tmp_path / "w")
+    assert disk.spilled and not mem.spilled
+    assert disk.amax == mem.amax
+    assert list((tmp_path / "w").iterdir()) == []  # spill files removed at the end
+
+
+def test_unmatched_target_is_an_error(checkpoints):
+    path = checkpoints("llama", "fp8_block")
+    with pytest.raises(CheckpointError, match="got no activation scale"):
+        calibrate_activations(path, tokens(1), targets_of(path) | {"model.layers.0.mlp.nope"})
