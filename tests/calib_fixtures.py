@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from streaming_adapters.models.load import load_fp8_checkpoint
 
 CHAT_TEMPLATE = "<s>{% for m in messages %}{{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
 
@@ -40,3 +43,29 @@ def random_ids(n: int, seq_len: int, vocab_size: int = 1001, seed: int = 0, ragg
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def whole_model_amax(path, toks) -> dict[str, float]:
+    """Reference: the full BF16 model (transformers, eager, filled by the loader), every sample through
+    ``model(input_ids, attention_mask)``, a running max |x| per Linear."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(str(path))
+    del cfg.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="eager")
+    model.to_empty(device="cpu")
+    load_fp8_checkpoint(model, path, strict=False)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
+    model.eval()
+    amax: dict[str, torch.Tensor] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            def pre(_m, args, name=name):
+                a = args[0].abs().amax()
+                amax[name] = torch.maximum(amax[name], a) if name in amax else a
+            mod.register_forward_pre_hook(pre)
+    with torch.no_grad():
+        for s in toks.samples:
+            model(input_ids=s[None], attention_mask=torch.ones(1, s.numel(), dtype=torch.int64), use_cache=False)
+    return {k: float(v) for k, v in amax.items()}

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
+from calib_fixtures import whole_model_amax
 from streaming_adapters.calibrate.data import CalibrationTokens
 from streaming_adapters.calibrate.engine import calibrate_activations
 from streaming_adapters.checkpoint.index import CheckpointIndex
 from streaming_adapters.convert.plan import make_plan
 from streaming_adapters.errors import CheckpointError
 from streaming_adapters.formats import get_adapter
-from streaming_adapters.models.load import load_fp8_checkpoint
 
 
 def targets_of(path) -> set[str]:
@@ -25,32 +24,6 @@ def tokens(n=4, seed=0) -> CalibrationTokens:
     g = torch.Generator().manual_seed(seed)
     return CalibrationTokens([torch.randint(3, 1001, (int(torch.randint(5, 40, (1,), generator=g)),), generator=g)
                               for _ in range(n)], "test", 64)
-
-
-def whole_model_amax(path, toks: CalibrationTokens) -> dict[str, float]:
-    """Reference: the full BF16 model (transformers, eager, filled by the loader), every sample through
-    ``model(input_ids, attention_mask)``, a running max |x| per Linear."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(str(path))
-    del cfg.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="eager")
-    model.to_empty(device="cpu")
-    load_fp8_checkpoint(model, path, strict=False)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
-    model.eval()
-    amax: dict[str, torch.Tensor] = {}
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
-            def pre(_m, args, name=name):
-                a = args[0].abs().amax()
-                amax[name] = torch.maximum(amax[name], a) if name in amax else a
-            mod.register_forward_pre_hook(pre)
-    with torch.no_grad():
-        for s in toks.samples:
-            model(input_ids=s[None], attention_mask=torch.ones(1, s.numel(), dtype=torch.int64), use_cache=False)
-    return {k: float(v) for k, v in amax.items()}
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
