@@ -168,6 +168,7 @@ def convert(cfg, pf: Preflight) -> dict[str, Any]:
         step_bytes=int(cfg.io.step_mb * (1 << 20)), chunk_bytes=cfg.io.chunk_mb << 20, io_backend=cfg.io.backend,
         ignore=list(cfg.output.ignore), overwrite=cfg.output.overwrite, restart=cfg.output.restart,
         device=device, sync_every_s=cfg.io.sync_s, readers=cfg.io.readers, progress=cfg.report.progress,
+        calibration=_calibration(cfg) if target == "nvfp4" else None,
     )
     out = report.to_dict()
     out["planned"] = [vars(r) for r in pf.ranks]
@@ -179,6 +180,16 @@ def convert(cfg, pf: Preflight) -> dict[str, Any]:
         say(v.table())
     say(report.summary_line())
     return out
+
+
+def _calibration(cfg):
+    """``calibration.data`` set: W4A4 (docs/calibration.md); the recipe node as the dataclass."""
+    from .calibrate.config import CalibrationConfig
+
+    c = cfg.calibration
+    if c.data is None:
+        return None
+    return CalibrationConfig(**{k: c[k] for k in c}) if not isinstance(c, CalibrationConfig) else c
 
 
 def write_report(cfg, result: dict[str, Any], rank: int) -> Path | None:
