@@ -9,11 +9,13 @@ import pytest
 import torch
 from compressed_tensors.quantization.utils import generate_gparam
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from calib_fixtures import random_ids, whole_model_amax, write_jsonl
 from helpers import assert_bit_equal
 from streaming_adapters.calibrate import CalibrationConfig, load_calibration_tokens
 from streaming_adapters.convert import convert_checkpoint
+from streaming_adapters.convert.verify import verify_checkpoint
 from streaming_adapters.errors import CalibrationDataError, CheckpointError
 
 
@@ -75,6 +77,22 @@ def test_w4a4_is_w4a16_plus_input_scales(checkpoints, tmp_path, calib_data, fmt)
             {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
         hq = json.loads((w4 / "hf_quant_config.json").read_text())
         assert hq["quantization"]["quant_algo"] == "NVFP4"
+
+    v = verify_checkpoint(w4, src)
+    assert v.ok and v.input_scales == 18 and not v.input_scale_problems, v.table()
+    assert verify_checkpoint(w16, src).input_scales == 0
+    # A k_proj scale that differs from its q/v siblings, and a missing one, are reported.
+    f = next(p for p in w4.glob("*.safetensors") if q + "k_proj" + suffix in load_file(p))
+    t = load_file(f)
+    t[q + "k_proj" + suffix] = t[q + "k_proj" + suffix] * 2
+    del t["model.layers.2.mlp.up_proj" + suffix]
+    save_file(t, f, metadata={"format": "pt"})
+    idx = json.loads((w4 / "model.safetensors.index.json").read_text())
+    del idx["weight_map"]["model.layers.2.mlp.up_proj" + suffix]
+    (w4 / "model.safetensors.index.json").write_text(json.dumps(idx))
+    bad = verify_checkpoint(w4, src)
+    assert not bad.ok and len(bad.input_scale_problems) == 2, bad.input_scale_problems
+    assert "input scales differ" in " ".join(bad.input_scale_problems) and "no input" in " ".join(bad.input_scale_problems)
 
 
 def test_calibration_errors_come_before_any_output(checkpoints, tmp_path, calib_data):
