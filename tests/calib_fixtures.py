@@ -45,7 +45,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def whole_model_amax(path, toks) -> dict[str, float]:
+def whole_model_amax(path, toks, attn: str = "eager") -> dict[str, float]:
     """Reference: the full BF16 model (transformers, eager, filled by the loader), every sample through
     ``model(input_ids, attention_mask)``, a running max |x| per Linear."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -53,7 +53,7 @@ def whole_model_amax(path, toks) -> dict[str, float]:
     cfg = AutoConfig.from_pretrained(str(path))
     del cfg.quantization_config
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation=attn)
     model.to_empty(device="cpu")
     load_fp8_checkpoint(model, path, strict=False)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)

@@ -42,6 +42,7 @@ class CalibrationResult:
     tokens: int
     seq_len: int
     moe_all_experts: bool
+    attn_implementation: str = "eager"
     spilled: bool = False
     seconds: float = 0.0
     layers: list[dict[str, Any]] = field(default_factory=list)
@@ -60,6 +61,7 @@ def calibrate_activations(
     host_budget_bytes: int = 32 << 30,
     work_dir: str | Path | None = None,
     moe_all_experts: bool = True,
+    attn_implementation: str = "eager",
     progress: bool = False,
 ) -> CalibrationResult:
     """Measure the input amax of every module in ``targets`` (checkpoint module names, e.g.
@@ -67,7 +69,7 @@ def calibrate_activations(
     rank, world = rank_and_world(process_group)
     dev = torch.device(device)
     t0 = time.perf_counter()
-    sk = Skeleton(checkpoint, dev, process_group)
+    sk = Skeleton(checkpoint, dev, process_group, attn_implementation)
     mine = tokens.shard(rank, world)
     store = HiddenStore([int(tokens.samples[j].numel()) for j in mine], sk.hidden_size,
                         budget_bytes=host_budget_bytes, work_dir=work_dir, pin=dev.type == "cuda", tag=f"rank{rank}")
@@ -94,7 +96,7 @@ def calibrate_activations(
                               "supported ones); convert without calibration for weight-only NVFP4A16")
     return CalibrationResult(amax=dict(sorted(amax.items())), tokens_sha256=tokens.sha256,
                              samples=len(tokens.samples), tokens=tokens.num_tokens, seq_len=tokens.seq_len,
-                             moe_all_experts=moe_all_experts, spilled=store.spilled,
+                             moe_all_experts=moe_all_experts, attn_implementation=attn_implementation, spilled=store.spilled,
                              seconds=time.perf_counter() - t0, layers=layers)
 
 

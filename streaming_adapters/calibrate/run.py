@@ -38,6 +38,12 @@ def moe_rule(cal: CalibrationConfig, fmt: str | None) -> bool:
     return cal.moe_all_experts if cal.moe_all_experts is not None else fmt != "modelopt"
 
 
+def attention(fmt: str | None) -> str:
+    """The attention the format's producer calibrates with (skeleton.py): llm-compressor forces eager,
+    ModelOpt keeps transformers' default (sdpa)."""
+    return "sdpa" if fmt == "modelopt" else "eager"
+
+
 def read_tokens(src: Path, cal: CalibrationConfig) -> CalibrationTokens:
     return load_calibration_tokens(cal.data, checkpoint=src, tokenizer=cal.tokenizer, samples=cal.samples,
                                    seq_len=cal.seq_len)
@@ -60,7 +66,8 @@ def calibration_table(plan, src: Path, tokens: CalibrationTokens, cal: Calibrati
         result = calibrate_activations(
             src, tokens, targets, process_group=group, device=device,
             host_budget_bytes=int(cal.host_budget_gb * (1 << 30)), work_dir=work,
-            moe_all_experts=plan.calibration["moe_all_experts"], progress=progress)
+            moe_all_experts=plan.calibration["moe_all_experts"], attn_implementation=plan.calibration["attention"],
+            progress=progress)
         error = None
         if rank == 0:
             try:

@@ -1,7 +1,9 @@
 """The model to calibrate: transformers' own classes built on the meta device, a layer at a time real.
 
-Built from the checkpoint's config.json (the text model of a VLM) with ``attn_implementation="eager"``,
-no KV cache, in eval mode: llm-compressor's ``calibration_forward_context`` (formats.md §4).  Only the
+Built from the checkpoint's config.json (the text model of a VLM), no KV cache, in eval mode, with the
+attention each producer calibrates with: ``"eager"`` for compressed-tensors (llm-compressor's
+``calibration_forward_context``, formats.md §4), ``"sdpa"`` for ModelOpt (it calibrates the model as
+``from_pretrained`` builds it, transformers' default; the two differ by a BF16 ulp in some activations).  Only the
 embedding and the rotary embedding are materialized for the whole run; decoder layer ``i`` is
 materialized by :meth:`Skeleton.fill_layer` (``to_empty`` + the project's FP8 reader, bit-exact BF16) and
 returned to meta by :meth:`Skeleton.free_layer`.
@@ -40,7 +42,8 @@ class _StopForward(Exception):
 class Skeleton:
     """The meta-device causal LM of a checkpoint, filled one decoder layer at a time."""
 
-    def __init__(self, checkpoint: str | Path, device: torch.device, process_group: dist.ProcessGroup | None = None):
+    def __init__(self, checkpoint: str | Path, device: torch.device, process_group: dist.ProcessGroup | None = None,
+                 attn_implementation: str = "eager"):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.checkpoint = Path(checkpoint)
@@ -56,7 +59,8 @@ class Skeleton:
         config.use_cache = False
         self.config = config
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="eager")
+            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
+                                                     attn_implementation=attn_implementation)
         self.model.eval()
         self.base = self.model.get_decoder()
         self.layers: nn.ModuleList = self.base.layers

@@ -88,7 +88,8 @@ def convert_checkpoint(
         cal_id = None
         if cal is not None:  # every error in the data before any compute
             tokens = calib.read_tokens(src, cal)
-            cal_id = {"tokens_sha256": tokens.sha256, "moe_all_experts": calib.moe_rule(cal, format)}
+            cal_id = {"tokens_sha256": tokens.sha256, "moe_all_experts": calib.moe_rule(cal, format),
+                      "attention": calib.attention(format)}
         plan = make_plan(index, adapter, target, format, world, step_bytes=step_bytes, ignore=ignore,
                          calibration=cal_id)
     except (CheckpointError, ValueError) as e:

@@ -63,7 +63,7 @@ class ConversionPlan:
     steps: list[Step]
     ignore: list[str]
     fingerprint: str
-    calibration: dict | None = None          # W4A4: {"tokens_sha256", "moe_all_experts"}; None = W4A16
+    calibration: dict | None = None          # W4A4: {"tokens_sha256", "moe_all_experts", "attention"}
     input_amax: dict[str, float] = field(default_factory=dict)  # W4A4: module -> calibrated input amax
 
     @property
