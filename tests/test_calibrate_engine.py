@@ -54,5 +54,12 @@ def test_spill_to_disk_gives_the_same_table(checkpoints, tmp_path):
 
 def test_unmatched_target_is_an_error(checkpoints):
     path = checkpoints("llama", "fp8_block")
-    with pytest.raises(CheckpointError, match="got no activation scale"):
+    with pytest.raises(CheckpointError, match="would get no activation scale"):
         calibrate_activations(path, tokens(1), targets_of(path) | {"model.layers.0.mlp.nope"})
+
+
+def test_fused_moe_experts_are_refused_before_any_compute(checkpoints):
+    path = checkpoints("qwen3_moe", "fp8_block")
+    with pytest.raises(CheckpointError, match="would get no activation scale") as e:
+        calibrate_activations(path, tokens(1), targets_of(path))
+    assert ".experts." in e.value.tensor and "output.ignore" in e.value.fix

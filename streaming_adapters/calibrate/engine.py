@@ -70,6 +70,9 @@ def calibrate_activations(
     dev = torch.device(device)
     t0 = time.perf_counter()
     sk = Skeleton(checkpoint, dev, process_group, attn_implementation)
+    # Before any compute: every target must be an nn.Linear of some layer (names from the meta model).
+    covered = set().union(*(sk.linear_names(i) for i in range(sk.num_layers)))
+    _refuse_uncovered(targets - covered, checkpoint)
     mine = tokens.shard(rank, world)
     store = HiddenStore([int(tokens.samples[j].numel()) for j in mine], sk.hidden_size,
                         budget_bytes=host_budget_bytes, work_dir=work_dir, pin=dev.type == "cuda", tag=f"rank{rank}")
@@ -87,17 +90,22 @@ def calibrate_activations(
                 print(_line(stats, sk.num_layers, tokens.num_tokens), flush=True)
     finally:
         store.close()
-    missing = sorted(targets - set(amax))
-    if missing:
-        raise CheckpointError(f"{len(missing)} quantized Linear(s) got no activation scale (examples={missing[:3]})",
-                              file=str(checkpoint), tensor=missing[0],
-                              expected="every NVFP4 Linear an nn.Linear of the transformers model",
-                              fix="this family's layout is not calibrated yet (docs/calibration.md lists the "
-                              "supported ones); convert without calibration for weight-only NVFP4A16")
+    _refuse_uncovered(targets - set(amax), checkpoint)
     return CalibrationResult(amax=dict(sorted(amax.items())), tokens_sha256=tokens.sha256,
                              samples=len(tokens.samples), tokens=tokens.num_tokens, seq_len=tokens.seq_len,
                              moe_all_experts=moe_all_experts, attn_implementation=attn_implementation, spilled=store.spilled,
                              seconds=time.perf_counter() - t0, layers=layers)
+
+
+def _refuse_uncovered(missing: set[str], checkpoint) -> None:
+    if missing:
+        m = sorted(missing)
+        raise CheckpointError(f"{len(m)} quantized Linear(s) would get no activation scale (examples={m[:3]})",
+                              file=str(checkpoint), tensor=m[0],
+                              expected="every NVFP4 Linear an nn.Linear of the transformers model (fused MoE "
+                              "experts are not calibrated yet)",
+                              fix="convert without calibration for weight-only NVFP4A16, or add the modules to "
+                              "output.ignore; docs/calibration.md lists the supported families")
 
 
 def _run_layer(sk: Skeleton, i: int, store: HiddenStore, targets: set[str], amax: dict[str, float],
