@@ -70,7 +70,14 @@ def preflight(cfg, layout: Layout) -> Preflight:
         target = "bf16" if cfg.task == "dequantize_bf16" else "nvfp4"
         plan = make_plan(index, adapter, target, cfg.output.format, layout.world_size,
                          step_bytes=int(cfg.io.step_mb * (1 << 20)), ignore=list(cfg.output.ignore))
-        return plan_convert(plan, cfg.device, chunk, host, gpu, layout)
+        pf = plan_convert(plan, cfg.device, chunk, host, gpu, layout)
+        if target == "nvfp4" and cfg.calibration.data is not None:  # W4A4: the calibration's need too
+            from .calibrate import plan as cplan
+
+            need = cplan.calibration_need(adapter.plan.logical, index.config, _calibration(cfg), layout.world_size)
+            pf.notes += need.lines(cfg.device)
+            pf.problems += cplan.problems(need, cfg.device, host, gpu)
+        return pf
     return plan_load(index, adapter, layout, device=cfg.device, chunk_bytes=chunk, io_backend=cfg.io.backend,
                      host_capacity=host, gpu_capacity=gpu)
 
