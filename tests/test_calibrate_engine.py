@@ -63,3 +63,35 @@ def test_fused_moe_experts_are_refused_before_any_compute(checkpoints):
     with pytest.raises(CheckpointError, match="would get no activation scale") as e:
         calibrate_activations(path, tokens(1), targets_of(path))
     assert ".experts." in e.value.tensor and "output.ignore" in e.value.fix
+
+
+def test_sigkill_mid_calibration_resumes_at_the_last_finished_layer(checkpoints, tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    path = checkpoints("llama", "fp8_block", num_hidden_layers=6)
+    want = calibrate_activations(path, tokens(12, seed=9), targets_of(path))
+    work = tmp_path / "work"
+    here = Path(__file__).parent
+    proc = subprocess.Popen([sys.executable, str(here / "calib_kill_body.py"), str(path), str(work)],
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(here), *sys.path])})
+    state, layer, deadline = work / "state-rank0.json", -1, time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            layer = json.loads(state.read_text())["layer"]
+        except (OSError, ValueError, KeyError):
+            layer = -1
+        if layer >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert proc.wait(60) == -signal.SIGKILL, "the run ended before it could be killed"
+    got = calibrate_activations(path, tokens(12, seed=9), targets_of(path), host_budget_bytes=0, work_dir=work)
+    assert got.resumed_layers >= 3 and got.spilled
+    assert got.amax == want.amax
+    assert list(work.iterdir()) == []  # spill files and state removed after success

@@ -10,12 +10,19 @@ layer's amax vector over the ranks (fp32: exact for BF16 values; gloo has no BF1
 Ranks split the samples (contiguous, balanced by tokens); since max is exact and order-free, the table
 is the same bits for any world size.
 
+Resume (spilled runs): after each layer every rank records ``state-rank{r}.json`` in ``work_dir`` (layer,
+which spill file holds its outputs, the amax so far, tokens' sha256, world size).  A re-run whose ranks all
+find the same layer with the same tokens and world size continues after it; the spill files are
+ping-pong, so the finished layer's outputs are intact whatever a kill interrupted.
+
 Memory per rank: one decoder layer (BF16) + the embedding + one sample's activations on ``device``; the
 rank's hidden states on the host (``store.HiddenStore``: within ``host_budget_bytes``, else spilled).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..dist import is_dist, rank_and_world
+from ..dist import all_gather_object, is_dist, rank_and_world
 from ..errors import CheckpointError
 from ..report import MemoryMonitor
 from .data import CalibrationTokens
@@ -44,6 +51,7 @@ class CalibrationResult:
     moe_all_experts: bool
     attn_implementation: str = "eager"
     spilled: bool = False
+    resumed_layers: int = 0   # layers taken from an interrupted run's resume point
     seconds: float = 0.0
     layers: list[dict[str, Any]] = field(default_factory=list)
 
@@ -74,27 +82,59 @@ def calibrate_activations(
     covered = set().union(*(sk.linear_names(i) for i in range(sk.num_layers)))
     _refuse_uncovered(targets - covered, checkpoint)
     mine = tokens.shard(rank, world)
+    key = {"tokens_sha256": tokens.sha256, "world": world, "rank": rank, "attn": attn_implementation}
+    state = _read_state(work_dir, rank, key)
+    # Resume only where every rank stands at the same finished layer.
+    first = {s["layer"] if s else None for s in all_gather_object(state, process_group)}
+    state = state if len(first) == 1 and None not in first else None
     store = HiddenStore([int(tokens.samples[j].numel()) for j in mine], sk.hidden_size,
-                        budget_bytes=host_budget_bytes, work_dir=work_dir, pin=dev.type == "cuda", tag=f"rank{rank}")
-    with torch.no_grad():
-        for k, j in enumerate(mine):
-            store.write(k, sk.embed(tokens.samples[j]))
-        store.advance()
-    amax: dict[str, float] = {}
-    layers: list[dict[str, Any]] = []
-    try:
-        for i in range(sk.num_layers):
-            stats = _run_layer(sk, i, store, targets, amax, process_group, dev)
-            layers.append(stats)
-            if progress and rank == 0:
-                print(_line(stats, sk.num_layers, tokens.num_tokens), flush=True)
-    finally:
-        store.close()
+                        budget_bytes=host_budget_bytes, work_dir=work_dir, pin=dev.type == "cuda", tag=f"rank{rank}",
+                        resume_src=state["src"] if state else None)
+    state = state if all_gather_object(store.resumed or not state, process_group).count(True) == world else None
+    amax: dict[str, float] = dict(state["amax"]) if state else {}
+    start = state["layer"] + 1 if state else 0
+    if start == 0:
+        with torch.no_grad():
+            for k, j in enumerate(mine):
+                store.write(k, sk.embed(tokens.samples[j]))
+            store.advance()
+    elif progress and rank == 0:
+        print(f"calibrate: resuming after layer {start}/{sk.num_layers} (hidden states from {work_dir})", flush=True)
+    layers: list[dict[str, Any]] = list(state.get("layers", [])) if state else []
+    for i in range(start, sk.num_layers):
+        stats = _run_layer(sk, i, store, targets, amax, process_group, dev)
+        layers.append(stats)
+        if store.spilled:
+            store.sync()
+            _write_state(work_dir, rank, {**key, "layer": i, "src": store.src_index, "amax": amax, "layers": layers})
+        if progress and rank == 0:
+            print(_line(stats, sk.num_layers, tokens.num_tokens), flush=True)
+    store.close()  # only after success: a failed run keeps its spill files and state for the resume
+    if work_dir is not None:
+        Path(work_dir, f"state-rank{rank}.json").unlink(missing_ok=True)
     _refuse_uncovered(targets - set(amax), checkpoint)
     return CalibrationResult(amax=dict(sorted(amax.items())), tokens_sha256=tokens.sha256,
                              samples=len(tokens.samples), tokens=tokens.num_tokens, seq_len=tokens.seq_len,
                              moe_all_experts=moe_all_experts, attn_implementation=attn_implementation, spilled=store.spilled,
+                             resumed_layers=start,
                              seconds=time.perf_counter() - t0, layers=layers)
+
+
+def _read_state(work_dir, rank: int, key: dict) -> dict | None:
+    if work_dir is None:
+        return None
+    try:
+        s = json.loads(Path(work_dir, f"state-rank{rank}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return s if all(s.get(k) == v for k, v in key.items()) else None
+
+
+def _write_state(work_dir, rank: int, state: dict) -> None:
+    p = Path(work_dir, f"state-rank{rank}.json")
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, p)
 
 
 def _refuse_uncovered(missing: set[str], checkpoint) -> None:

@@ -21,7 +21,9 @@ import torch
 
 class HiddenStore:
     def __init__(self, lengths: list[int], hidden: int, *, budget_bytes: int, work_dir: str | Path | None,
-                 pin: bool = False, tag: str = "rank0") -> None:
+                 pin: bool = False, tag: str = "rank0", resume_src: int | None = None) -> None:
+        """``resume_src`` (spilled only): reopen the existing files, the inputs of the next layer in file
+        ``resume_src`` (see :attr:`src_index`), instead of creating them."""
         self.offsets = [0]
         for n in lengths:
             self.offsets.append(self.offsets[-1] + n)
@@ -38,13 +40,32 @@ class HiddenStore:
         d = Path(work_dir)
         d.mkdir(parents=True, exist_ok=True)
         self.files = [d / f"hidden-{tag}-{k}.bin" for k in (0, 1)]
-        for f in self.files:
-            with open(f, "wb") as fh:
-                fh.truncate(max(self.nbytes, 2))
+        if resume_src is None or any(not f.exists() or f.stat().st_size != max(self.nbytes, 2) for f in self.files):
+            resume_src = None
+            for f in self.files:
+                with open(f, "wb") as fh:
+                    fh.truncate(max(self.nbytes, 2))
+        self.resumed = resume_src is not None
         self._maps = [torch.from_file(str(f), shared=True, size=max(self.offsets[-1] * hidden, 1),
                                       dtype=torch.bfloat16)[: self.offsets[-1] * hidden].view(-1, hidden)
                       for f in self.files]
-        self._src, self._dst = self._maps
+        self._src, self._dst = self._maps if not resume_src else self._maps[::-1]
+
+    resumed = False
+
+    @property
+    def src_index(self) -> int:
+        """Which spill file holds the next layer's inputs (the resume point's)."""
+        return 0 if not self.spilled or self._src is self._maps[0] else 1
+
+    def sync(self) -> None:
+        """Make the spill files durable (a kill of the process alone loses nothing: the page cache keeps them)."""
+        for f in self.files:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
