@@ -58,11 +58,26 @@ def test_unmatched_target_is_an_error(checkpoints):
         calibrate_activations(path, tokens(1), targets_of(path) | {"model.layers.0.mlp.nope"})
 
 
-def test_fused_moe_experts_are_refused_before_any_compute(checkpoints):
+def test_moe_experts_follow_each_producers_rule(checkpoints):
+    """Qwen3-MoE: experts linearized (calibrate/moe.py).  All-experts rule (llm-compressor): every expert's
+    gate/up sees every token, so they share the MoE input's amax; routed rule (ModelOpt): each expert sees
+    its tokens only (never more than that), then the max over the layer's experts is written."""
+    from streaming_adapters.calibrate.scales import unify
+
     path = checkpoints("qwen3_moe", "fp8_block")
-    with pytest.raises(CheckpointError, match="would get no activation scale") as e:
-        calibrate_activations(path, tokens(1), targets_of(path))
-    assert ".experts." in e.value.tensor and "output.ignore" in e.value.fix
+    targets = targets_of(path)
+    every = calibrate_activations(path, tokens(3), targets, moe_all_experts=True).amax
+    routed = calibrate_activations(path, tokens(3), targets, moe_all_experts=False).amax
+    assert set(every) == set(routed) == targets and len(targets) == 2 * (4 + 3 * 5)
+    for layer in (0, 1):
+        e = f"model.layers.{layer}.mlp.experts."
+        gates = {every[f"{e}{i}.gate_proj"] for i in range(5)} | {every[f"{e}{i}.up_proj"] for i in range(5)}
+        assert len(gates) == 1 and gates.pop() > 0
+        assert all(routed[f"{e}{i}.gate_proj"] <= every[f"{e}{i}.gate_proj"] for i in range(5))
+        u = unify(routed, experts=True)
+        assert len({u[f"{e}{i}.down_proj"] for i in range(5)}) == 1
+        assert u[f"{e}0.down_proj"] == max(routed[f"{e}{i}.down_proj"] for i in range(5))
+    assert every["model.layers.0.self_attn.q_proj"] == routed["model.layers.0.self_attn.q_proj"]
 
 
 def test_sigkill_mid_calibration_resumes_at_the_last_finished_layer(checkpoints, tmp_path):

@@ -77,7 +77,7 @@ def calibrate_activations(
     rank, world = rank_and_world(process_group)
     dev = torch.device(device)
     t0 = time.perf_counter()
-    sk = Skeleton(checkpoint, dev, process_group, attn_implementation)
+    sk = Skeleton(checkpoint, dev, process_group, attn_implementation, moe_all_experts)
     # Before any compute: every target must be an nn.Linear of some layer (names from the meta model).
     covered = set().union(*(sk.linear_names(i) for i in range(sk.num_layers)))
     _refuse_uncovered(targets - covered, checkpoint)
@@ -185,6 +185,8 @@ def _run_layer(sk: Skeleton, i: int, store: HiddenStore, targets: set[str], amax
 def _hook(running: torch.Tensor, k: int):
     def pre(_mod, args):
         x = args[0]
+        if x.numel() == 0:  # an expert no token was routed to (ModelOpt's rule): nothing to measure
+            return
         running[k] = torch.maximum(running[k], x.detach().abs().amax().to(running.dtype))
 
     return pre

@@ -43,7 +43,7 @@ class Skeleton:
     """The meta-device causal LM of a checkpoint, filled one decoder layer at a time."""
 
     def __init__(self, checkpoint: str | Path, device: torch.device, process_group: dist.ProcessGroup | None = None,
-                 attn_implementation: str = "eager"):
+                 attn_implementation: str = "eager", moe_all_experts: bool = True):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.checkpoint = Path(checkpoint)
@@ -61,6 +61,9 @@ class Skeleton:
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
                                                      attn_implementation=attn_implementation)
+        from .moe import linearize_experts
+
+        linearize_experts(self.model, moe_all_experts)  # per-expert nn.Linear: hooks see each expert's input
         self.model.eval()
         self.base = self.model.get_decoder()
         self.layers: nn.ModuleList = self.base.layers

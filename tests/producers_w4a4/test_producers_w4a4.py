@@ -28,8 +28,8 @@ from streaming_adapters.calibrate import CalibrationConfig
 from streaming_adapters.convert import convert_checkpoint
 
 SAMPLES, SEQ_LEN = 6, 48
-NUM_LAYERS = 3  # the Llama fixture's
-ARCH = {"llama": "LlamaForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+ARCH = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
+        "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 
 
 def read_all(folder: Path) -> dict[str, torch.Tensor]:
@@ -65,7 +65,7 @@ def load_bf16(bf16: Path):
     return AutoModelForCausalLM.from_pretrained(str(bf16), dtype=torch.bfloat16)
 
 
-def llmcompressor_w4a4(bf16: Path, ids: list[list[int]], out: Path) -> Path:
+def llmcompressor_w4a4(bf16: Path, ids: list[list[int]], out: Path, moe: bool = False) -> Path:
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -73,8 +73,14 @@ def llmcompressor_w4a4(bf16: Path, ids: list[list[int]], out: Path) -> Path:
 
     ds = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
     model = load_bf16(bf16)
+    if moe:  # experts linearized after loading (load_quantizable_moe needs torchvision); every expert sees
+        # every token (moe_calibrate_all_experts, the default)
+        from llmcompressor.modeling.moe.linearize import linearize_moe
+
+        linearize_moe(model)
+    ignore = ["lm_head", "re:.*mlp.gate$"] if moe else ["lm_head"]
     oneshot(model=model, processor=AutoTokenizer.from_pretrained(str(bf16)), dataset=ds,
-            recipe=QuantizationModifier(targets="Linear", scheme="NVFP4", ignore=["lm_head"]),
+            recipe=QuantizationModifier(targets="Linear", scheme="NVFP4", ignore=ignore),
             num_calibration_samples=len(ids), max_seq_length=SEQ_LEN)
     model.save_pretrained(str(out), save_compressed=True)
     return out
@@ -124,18 +130,24 @@ def ours(src: Path, data: Path, fmt: str, out: Path) -> Path:
 def compare(theirs: Path, mine: Path) -> int:
     a, b = read_all(theirs), read_all(mine)
     assert set(a) == set(b), (sorted(set(a) - set(b))[:5], sorted(set(b) - set(a))[:5])
-    # q k v o gate up down in each layer: 7 Linears x layers, each with its input scale
-    assert sum(k.endswith(("input_global_scale", "input_scale")) for k in a) == 7 * NUM_LAYERS
+    # every quantized Linear (one global scale each) has its input scale
+    n = sum(k.endswith(("input_global_scale", "input_scale")) for k in a)
+    assert n > 0 and n == sum(k.endswith(("weight_global_scale", "weight_scale_2")) for k in a)
     for k in sorted(a):
         want = a[k].reshape(b[k].shape) if a[k].numel() == b[k].numel() else a[k]
         assert_bit_equal(b[k], want.to(b[k].dtype) if want.dtype != b[k].dtype and want.dtype == torch.uint8 else want, k)
     return len(a)
 
 
-@pytest.mark.parametrize("family", ["llama"])
+# Mistral and Qwen3-MoE are left out for llm-compressor: on both tiny fixtures (configs with a
+# sliding_window) its oneshot measures a different attention output from layer 0 on (Qwen3-MoE: o_proj input
+# amax 19.6 where a plain causal BF16 forward, eager or sdpa, gives 35.8; Mistral: down_proj 15.2 vs 9.94),
+# while q/k/v match and ModelOpt agrees with the plain forward bit for bit.  Suspected: the causal mask its
+# traced sequential pipeline hands the layers.  Not understood yet: docs/calibration.md.
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_llmcompressor_nvfp4_bit_for_bit(setup, family):
     src, bf16, ids, data, d = setup(family)
-    theirs = llmcompressor_w4a4(bf16, ids, d / "llmc")
+    theirs = llmcompressor_w4a4(bf16, ids, d / "llmc", moe=family == "qwen3_moe")
     mine = ours(src, data, "compressed-tensors", d / "ours-ct")
     n = compare(theirs, mine)
     assert n > 0
@@ -146,7 +158,7 @@ def test_llmcompressor_nvfp4_bit_for_bit(setup, family):
     assert sorted(qa["ignore"]) == sorted(qb["ignore"]) and qa["format"] == qb["format"]
 
 
-@pytest.mark.parametrize("family", ["llama"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "qwen3_moe", "deepseek_v3"])
 def test_modelopt_nvfp4_bit_for_bit(setup, family):
     src, bf16, ids, data, d = setup(family)
     theirs = modelopt_w4a4(bf16, ids, d / "mo")
