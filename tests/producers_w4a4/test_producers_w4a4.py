@@ -135,7 +135,12 @@ def compare(theirs: Path, mine: Path) -> int:
     assert n > 0 and n == sum(k.endswith(("weight_global_scale", "weight_scale_2")) for k in a)
     for k in sorted(a):
         want = a[k].reshape(b[k].shape) if a[k].numel() == b[k].numel() else a[k]
-        assert_bit_equal(b[k], want.to(b[k].dtype) if want.dtype != b[k].dtype and want.dtype == torch.uint8 else want, k)
+        got = b[k]
+        if want.dtype == torch.bfloat16 and got.dtype == torch.float32 and k.endswith(".mlp.gate.weight"):
+            # DeepSeek-V3's router is F32 in the FP8 checkpoint; we copy it as stored, the producer saves the
+            # BF16 model it was given.  Compared after the same rounding (an unquantized tensor).
+            got = got.to(torch.bfloat16)
+        assert_bit_equal(got, want, k)
     return len(a)
 
 
