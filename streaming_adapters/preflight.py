@@ -55,6 +55,7 @@ class Preflight:
     gpu_capacity: float | None = None
     problems: list[str] = field(default_factory=list)
     fitting: list[tuple[Layout, int]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)       # extra lines (W4A4 calibration's need)
 
     @property
     def fits(self) -> bool:
@@ -75,6 +76,7 @@ class Preflight:
             lines.append(f"GPU capacity unknown (no GPU visible here): each rank needs "
                          f"{_fmt_bytes(max((r.gpu_bytes for r in self.ranks), default=0))} of GPU memory; pass "
                          f"gpu_memory_gb=<per GPU> (e.g. 80 for an H100) to check the fit")
+        lines += self.notes
         if self.problems:
             lines += [f"DOES NOT FIT: {p}" for p in self.problems]
         if self.fitting:

@@ -61,6 +61,7 @@ def convert_checkpoint(
     readers: int = 8,
     progress: bool = True,
     verbose: bool = False,
+    calibration=None,
 ) -> ConvertReport:
     """Convert an FP8 (or BF16) checkpoint into a BF16 or NVFP4 checkpoint at ``dst``.
 
@@ -70,6 +71,9 @@ def convert_checkpoint(
     size; a killed run resumes from its last finished step when called again with the same arguments.
     ``sync_every_s``: how often the written steps are fsynced and recorded as done (the resume points);
     0 = after every step.  Between sync points ranks run without barriers.
+    ``calibration`` (nvfp4): W4A4 -- a ``streaming_adapters.calibrate.CalibrationConfig`` or just the
+    calibration data's path; the activation scales are calibrated layer by layer first (docs/calibration.md),
+    the weights written exactly as without it.
     """
     rank, world = rank_and_world(process_group)
     dev = torch.device(device)
@@ -78,12 +82,24 @@ def convert_checkpoint(
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst).absolute()
     error: BaseException | None = None
-    plan = None
+    plan = tokens = None
+    from ..calibrate import run as calib
+
+    cal = calib.as_config(calibration)
     try:
         index = CheckpointIndex.open(src)
         check_coverage(index)
         adapter = get_adapter(src, index=index)
-        plan = make_plan(index, adapter, target, format, world, step_bytes=step_bytes, ignore=ignore)
+        if cal is not None and target != "nvfp4":
+            raise CheckpointError("calibration needs target='nvfp4'", expected="target='nvfp4' (W4A4)",
+                                  fix="drop calibration, or convert to nvfp4")
+        cal_id = None
+        if cal is not None:  # every error in the data before any compute
+            tokens = calib.read_tokens(src, cal)
+            cal_id = {"tokens_sha256": tokens.sha256, "moe_all_experts": calib.moe_rule(cal, format),
+                      "attention": calib.attention(format)}
+        plan = make_plan(index, adapter, target, format, world, step_bytes=step_bytes, ignore=ignore,
+                         calibration=cal_id)
         staged = StagedOutput(dst, plan, src=index.path)
     except Exception as e:  # noqa: BLE001 -- every rank must learn of it (gathered below)
         error = _named(e, rank, src)
@@ -101,6 +117,12 @@ def convert_checkpoint(
             staged.release()
     raise_on_all_ranks(error, process_group)
     done, committed = all_gather_object((done, staged.committed), process_group)[0]  # rank 0 decided
+    calibrated = None
+    if tokens is not None and not committed:  # a committed output needs no input scales
+        from ..convert.staging import BOOK
+
+        calibrated = calib.calibration_table(plan, src, tokens, cal, staged.root / BOOK, process_group, dev,
+                                             progress and rank == 0)
 
     io = BoxReader(index.path, io_backend)
     filler = BoxFiller(io, chunk_bytes)
@@ -190,6 +212,8 @@ def convert_checkpoint(
         bytes_written=sum(getattr(r, "bytes_written", 0) for r in ranks), output_bytes=plan.total_output_bytes,
         ignore=plan.ignore,
     )
+    if calibrated is not None:
+        report.calibration = {**calibrated.to_dict(), "input_amax": plan.input_amax}
     if verbose and rank == 0:
         print(report.summary_line(), flush=True)
     return report
@@ -425,6 +449,12 @@ def _quantize_step(plan, filler, staged, dev, amax, unit_of, held, blocked, budg
         if r0 == 0:
             gs_out = outs["global_scale"]
             staged.pwrite(*plan.location(gs_out)[:2], _bytes(gs.to(torch.float32).reshape(gs_out.shape)))
+            if "input_scale" in outs:  # W4A4: from the calibrated table (calibrate/scales.py)
+                from ..calibrate.scales import input_scale
+
+                o = outs["input_scale"]
+                x = input_scale(plan.format, plan.input_amax[piece.tensor[: -len(".weight")]])
+                staged.pwrite(*plan.location(o)[:2], _bytes(x.reshape(o.shape)))
 
     while held:
         piece, buf = held.pop(0)
@@ -441,7 +471,7 @@ def _finalize(plan: ConversionPlan, staged: StagedOutput, index: CheckpointIndex
     weight_map = {name: f for name, f in sorted(plan.file_of.items())}
     index_json = {"metadata": {"total_size": sum(o.nbytes for outs in plan.outputs.values() for o in outs)},
                   "weight_map": weight_map}
-    extra = {"config.json": output_config(index.config, plan.target, plan.format, plan.ignore)}
+    extra = {"config.json": output_config(index.config, plan.target, plan.format, plan.ignore, plan.w4a4)}
     if plan.format == "modelopt":
-        extra["hf_quant_config.json"] = modelopt_hf_quant_config(plan.ignore)
+        extra["hf_quant_config.json"] = modelopt_hf_quant_config(plan.ignore, plan.w4a4)
     staged.finalize(index_json, extra, index.path, overwrite)

@@ -67,6 +67,12 @@ class ConversionPlan:
     ignore: list[str]
     fingerprint: str                         # options + layout: a resume must match it
     source_fingerprint: str = ""             # the source files' identity and content sample (see below)
+    calibration: dict | None = None          # W4A4: {"tokens_sha256", "moe_all_experts", "attention"}
+    input_amax: dict[str, float] = field(default_factory=dict)  # W4A4: module -> calibrated input amax
+
+    @property
+    def w4a4(self) -> bool:
+        return self.calibration is not None
 
     def location(self, out: OutputTensor) -> tuple[str, int, int]:
         f = self.file_of[out.name]
@@ -101,8 +107,12 @@ def make_plan(
     *,
     step_bytes: int = DEFAULT_STEP_BYTES,
     ignore: list[str] | tuple[str, ...] = (),
+    calibration: dict | None = None,
 ) -> ConversionPlan:
+    """``calibration`` (nvfp4 only): W4A4, every NVFP4 Linear gets an input-scale output; the dict (tokens'
+    sha256, MoE rule) enters the fingerprint and the tokens' sha256 the files' metadata."""
     target, fmt = normalize_target(target, fmt)
+    w4a4 = calibration is not None and target == "nvfp4"
     logical = dict(adapter.plan.logical)
     if target == "nvfp4" and adapter.layout == "nvfp4":
         raise AlreadyNVFP4Error(
@@ -136,7 +146,7 @@ def make_plan(
         nvfp4[name] = q
         if target == "nvfp4" and is_linear_weight(lt) and not q:
             ignore_list.add(name[: -len(".weight")])
-    outputs = {n: outputs_for(lt, target, fmt, nvfp4[n]) for n, lt in logical.items()}
+    outputs = {n: outputs_for(lt, target, fmt, nvfp4[n], w4a4) for n, lt in logical.items()}
 
     # Files: mirror the source files.
     per_file: dict[str, list[OutputTensor]] = {}
@@ -155,7 +165,8 @@ def make_plan(
                 f"a shard's name {f!r} is one the converted output needs for itself", file=str(index.path / f),
                 expected=f"a shard name other than {sorted(_RESERVED)} and not starting with '.'",
                 fix="rename the shard (and its entries in model.safetensors.index.json)")
-    files = {f: layout_file(f, ts) for f, ts in sorted(per_file.items())}
+    meta = {"format": "pt", "calibration_tokens_sha256": calibration["tokens_sha256"]} if w4a4 else None
+    files = {f: layout_file(f, ts, meta) for f, ts in sorted(per_file.items())}
 
     # Units, in checkpoint (layer) order.
     order = sorted(logical, key=lambda n: (_layer_key(n), n))
@@ -181,9 +192,10 @@ def make_plan(
         step.units.sort(key=lambda u: not nvfp4[u[0]])  # stable: amax vector order = nvfp4 units first
         step.pieces = _assign(step, logical, world_size)
 
-    fp = _fingerprint(index, target, fmt, user_ignore, step_bytes)
+    fp = _fingerprint(index, target, fmt, user_ignore, step_bytes, calibration if w4a4 else None)
     return ConversionPlan(str(index.path), target, fmt, logical, nvfp4, outputs, files, file_of, steps,
-                          sorted(ignore_list), fp)  # source_fingerprint: set on rank 0 only (it reads)
+                          sorted(ignore_list), fp,  # source_fingerprint: set on rank 0 only (it reads)
+                          calibration=calibration if w4a4 else None)
 
 
 def _bf16_bytes(lt: LogicalTensor) -> int:
@@ -228,9 +240,12 @@ def _split_rows(rows: int, world: int, align: int) -> list[tuple[int, int]]:
     return [(cuts[r], cuts[r + 1]) for r in range(world)]
 
 
-def _fingerprint(index: CheckpointIndex, target: str, fmt: str | None, ignore: list[str], step_bytes: int) -> str:
+def _fingerprint(index: CheckpointIndex, target: str, fmt: str | None, ignore: list[str], step_bytes: int,
+                 calibration: dict | None = None) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([target, fmt, ignore, step_bytes], sort_keys=True).encode())
+    # W4A16 keeps its old fingerprint (a resumed W4A16 run from before W4A4 existed still matches).
+    h.update(json.dumps([target, fmt, ignore, step_bytes] + ([calibration] if calibration else []),
+                        sort_keys=True).encode())
     for rel, size in sorted(index.file_sizes.items()):
         h.update(f"{rel}:{size}".encode())
     for name, t in sorted(index.tensors.items()):
