@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import streaming_adapters as sa
 from streaming_adapters.checkpoint import header as H
 from streaming_adapters.checkpoint.index import CheckpointIndex
-from streaming_adapters.errors import CheckpointError, CorruptCheckpointError
+from streaming_adapters.errors import CheckpointError, CorruptCheckpointError, ScaleLayoutError
 
 
 def _entries(*specs):
@@ -205,3 +205,75 @@ def test_empty_weight_map_entry(tmp_path):
 
 def test_errors_are_checkpoint_errors_and_exceptions():
     assert issubclass(CorruptCheckpointError, CheckpointError) and issubclass(CheckpointError, Exception)
+
+
+# -- non-finite results of finite inputs ------------------------------------------------------------------
+W = "model.layers.1.mlp.down_proj.weight"
+S = "model.layers.1.mlp.down_proj.weight_scale_inv"
+
+
+def _copy_with(checkpoints, tmp_path, fmt, name, fn):
+    """A private copy of the llama ``fmt`` checkpoint with ``fn(tensor)`` applied to tensor ``name``."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    dst = tmp_path / fmt
+    shutil.copytree(checkpoints("llama", fmt), dst)
+    f = dst / json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(str(f))
+    tensors[name] = fn(tensors[name].clone())
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    return dst
+
+
+def _load(path, dtype=torch.bfloat16):
+    sd = {W: torch.full((320, 200), float("nan"), dtype=dtype)}
+    sa.load_fp8_state_dict(sd, path)
+    return sd[W]
+
+
+def _set(t, idx, value):
+    t[idx] = value
+    return t
+
+
+@pytest.mark.parametrize("fmt,value,match", [
+    ("fp8_block", 3e38, "overflows torch.bfloat16"),        # finite F32, 448 x 3e38 = Inf
+    ("fp8_block", 1e36, "overflows torch.bfloat16"),        # above 3.39e38 / 448 = 7.57e35
+    ("fp8_block", float("-inf"), "not finite"),
+    ("fp8_block_u8", 254, "overflows torch.bfloat16"),      # UE8M0 byte 254 = 2**127
+    ("fp8_block_u8", 255, "not finite"),                    # UE8M0 byte 255 = NaN
+])
+def test_scales_that_make_inf_or_nan_weights_are_refused(checkpoints, tmp_path, fmt, value, match):
+    path = _copy_with(checkpoints, tmp_path, fmt, S, lambda t: _set(t, (2, 1), value))
+    with pytest.raises(ScaleLayoutError, match=match) as e:
+        _load(path)
+    assert "[2, 1]" in str(e.value) and S in str(e.value) and "what to do:" in str(e.value)
+
+
+def test_e8m0_byte_254_is_refused(checkpoints, tmp_path):
+    path = _copy_with(checkpoints, tmp_path, "fp8_block_e8m0", S,
+                      lambda t: _set(t.view(torch.uint8), (0, 0), 254).view(torch.float8_e8m0fnu))
+    with pytest.raises(ScaleLayoutError, match=r"scale is 1.70141e\+38 at block \[0, 0\]"):
+        _load(path)
+
+
+def test_the_overflow_bound_follows_the_destination_dtype(checkpoints, tmp_path):
+    # 200 x 448 = 89600 > 65504: Inf in FP16, fine in BF16 and FP32 (and then exact: reference math).
+    path = _copy_with(checkpoints, tmp_path, "fp8_block", S, lambda t: _set(t, (2, 1), 200.0))
+    with pytest.raises(ScaleLayoutError, match="overflows torch.float16"):
+        _load(path, torch.float16)
+    from reference import reference_state_dict
+
+    assert torch.equal(_load(path, torch.bfloat16), reference_state_dict(path)[W])
+    assert torch.isfinite(_load(path, torch.float32)).all()
+
+
+@pytest.mark.parametrize("code", [0x7F, 0xFF])
+def test_nan_codes_are_refused(checkpoints, tmp_path, code):
+    path = _copy_with(checkpoints, tmp_path, "fp8_block", W,
+                      lambda t: _set(t.view(torch.uint8), (300, 150), code).view(torch.float8_e4m3fn))
+    with pytest.raises(CorruptCheckpointError, match=f"FP8 code {code:#04x} at element \\[300, 150\\]") as e:
+        _load(path)
+    assert W in str(e.value) and "what to do:" in str(e.value)

@@ -112,8 +112,7 @@ def parse_header(full: Path, size: int, itemsizes: Mapping[str, int]) -> tuple[i
     def corrupt(problem: str, tensor: str | None = None, expected: str | None = None) -> CorruptCheckpointError:
         return CorruptCheckpointError(
             problem, file=str(full), tensor=tensor, expected=expected,
-            fix="the file is damaged, incompletely downloaded or not safetensors: re-download it "
-            "(a checkpoint is untrusted input; this file is not loaded)",
+            fix="the file is damaged or incompletely downloaded: re-download it",
         )
 
     with open(full, "rb") as f:
