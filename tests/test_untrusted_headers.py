@@ -277,3 +277,36 @@ def test_nan_codes_are_refused(checkpoints, tmp_path, code):
     with pytest.raises(CorruptCheckpointError, match=f"FP8 code {code:#04x} at element \\[300, 150\\]") as e:
         _load(path)
     assert W in str(e.value) and "what to do:" in str(e.value)
+
+
+def test_a_shard_that_shrinks_during_a_load_is_a_named_error_not_sigbus(tmp_path):
+    # In a child process: before the size re-check, touching the mapping past the new end killed the process
+    # with SIGBUS (exit -7), which no `except` can catch.
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os, sys
+        from streaming_adapters.checkpoint.byteio import BoxReader
+        from streaming_adapters.checkpoint.index import CheckpointIndex
+        from streaming_adapters.errors import CorruptCheckpointError
+        idx = CheckpointIndex.open(sys.argv[1])
+        for backend in ("mmap", "pread"):
+            os.truncate(idx.path / "model.safetensors", idx["b"].end)
+            with BoxReader(idx.path, backend) as io:
+                assert int(io.read(idx["a"]).sum()) == sum(range(256)) * 32  # maps / opens the file
+                os.truncate(idx.path / "model.safetensors", idx["a"].end)  # b is now past the end
+                try:
+                    print(int(io.read(idx["b"]).sum()))
+                except CorruptCheckpointError as e:
+                    print(backend, "named:", str(e).splitlines()[0], "|", e.file, e.tensor)
+    """)
+    hdr = _entries(("a", "U8", (8192,), 0, 8192), ("b", "U8", (65536,), 8192, 73728))
+    _write(tmp_path / "model.safetensors", hdr, bytes(range(256)) * 32 + b"\x01" * 65536)
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("mmap named: file is") and "truncated during the load" in lines[0], lines
+    assert lines[1].startswith("pread named:") and "truncated" in lines[1], lines
+    assert all(line.endswith(f"{tmp_path / 'model.safetensors'} b") for line in lines), lines
