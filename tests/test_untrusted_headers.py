@@ -310,3 +310,10 @@ def test_a_shard_that_shrinks_during_a_load_is_a_named_error_not_sigbus(tmp_path
     assert lines[0].startswith("mmap named: file is") and "truncated during the load" in lines[0], lines
     assert lines[1].startswith("pread named:") and "truncated" in lines[1], lines
     assert all(line.endswith(f"{tmp_path / 'model.safetensors'} b") for line in lines), lines
+
+
+@pytest.mark.parametrize("extra", ['"x":1', '"x":' + "9" * 400, '"offsets":[0,8]'])
+def test_entries_have_exactly_the_three_keys(tmp_path, extra):
+    text = json.dumps(GOOD, separators=(",", ":")).encode().replace(b'"dtype":"F32"', b'"dtype":"F32",' + extra.encode())
+    _write(tmp_path / "model.safetensors", text, DATA)
+    _refused(tmp_path, match="header entry has keys", safetensors_refuses=extra.startswith('"x":9'))

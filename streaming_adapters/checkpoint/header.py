@@ -8,7 +8,7 @@ The rules, all checked before any tensor byte is read or any buffer is sized fro
 * no duplicate key in any JSON object (``{"w": A, "w": B}`` would let one tensor take another's bytes);
   no ``NaN``/``Infinity`` constants, no integer over 4300 digits, no nesting deep enough to overflow the parser
   (each is a named error, never a raw ``RecursionError`` / ``ValueError``);
-* at most :data:`MAX_TENSORS_PER_FILE` entries, each ``{"dtype", "shape", "data_offsets"}`` with a known
+* at most :data:`MAX_TENSORS_PER_FILE` entries, each exactly ``{"dtype", "shape", "data_offsets"}`` with a known
   dtype, at most :data:`MAX_NDIM` integer dims in ``[0, 2**63)`` (what Rust's ``usize`` parses; so a shape's
   product has at most 1008 bits and never overflows anything), ``end - begin == numel * itemsize``;
 * the data region starts at ``8 + n`` and the tensors cover ``[0, size - 8 - n)`` exactly: sorted by offset,
@@ -46,6 +46,7 @@ MAX_TENSORS_PER_FILE = 1 << 18
 MAX_NDIM = 16
 _MAX_DIM = 1 << 63
 _JSON_WS = b" \t\r\n"
+_ENTRY_KEYS = frozenset(("dtype", "shape", "data_offsets"))
 
 
 class _HeaderProblem(Exception):
@@ -167,7 +168,12 @@ def parse_header(full: Path, size: int, itemsizes: Mapping[str, int]) -> tuple[i
         if not isinstance(entry, dict):
             raise corrupt("header entry is not an object", tensor=name,
                           expected='{"dtype": .., "shape": [..], "data_offsets": [begin, end]}')
-        dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if len(entry) != 3 or not _ENTRY_KEYS.issuperset(entry):
+            # safetensors parses unknown fields too and refuses, e.g., a number out of range in one; every writer
+            # writes exactly these three keys, so an entry with others is refused whatever they hold.
+            raise corrupt(f"header entry has keys {sorted(entry)[:8]}", tensor=name,
+                          expected='exactly {"dtype": .., "shape": [..], "data_offsets": [begin, end]}')
+        dtype, shape, offs = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in itemsizes:
             raise corrupt(f"unknown dtype {dtype!r}", tensor=name, expected=f"one of {sorted(itemsizes)}")
         if not (isinstance(shape, list) and len(shape) <= MAX_NDIM
