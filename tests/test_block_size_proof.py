@@ -123,3 +123,14 @@ def test_compressed_tensors_config_groups_of_the_wrong_json_type(checkpoints, tm
     (dst / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ScaleLayoutError, match="config_groups"):
         sa.get_adapter(dst).plan
+
+
+def test_compressed_tensors_target_that_is_not_a_regex(checkpoints, tmp_path):
+    dst = tmp_path / "ct"
+    shutil.copytree(checkpoints("llama", "ct_block"), dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    for g in cfg["quantization_config"]["config_groups"].values():
+        g["targets"] = ["re:model.layers.(", "Linear"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ScaleLayoutError, match="not a valid regular expression"):
+        sa.get_adapter(dst).plan

@@ -284,7 +284,14 @@ def compile_patterns(items: Iterable[str]) -> list[tuple[str, Any]]:
     out = []
     for item in items or ():
         if item.startswith("re:"):
-            out.append(("re", re.compile(item[3:])))
+            try:
+                out.append(("re", re.compile(item[3:])))
+            except re.error as e:
+                raise ScaleLayoutError(
+                    f"target {item!r} is not a valid regular expression ({e})", file="config.json",
+                    tensor="quantization_config", expected="'re:<python regex>' or a module name",
+                    fix="repair the pattern in quantization_config (config_groups targets / ignore)",
+                ) from None
         else:
             out.append(("name", item))
     return out
