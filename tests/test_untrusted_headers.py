@@ -155,7 +155,7 @@ def test_a_million_tensor_header_is_refused_fast_and_lean(tmp_path):
     body = b",".join(b'"t%d":{"dtype":"U8","shape":[1],"data_offsets":[%d,%d]}' % (i, i, i + 1) for i in range(n))
     _write(tmp_path / "model.safetensors", b"{" + body + b"}", bytes(n))
     t0 = time.perf_counter()
-    _refused(tmp_path, match=f"declares {n} tensors", safetensors_refuses=False)
+    _refused(tmp_path, match=f"declares up to {n} tensors", safetensors_refuses=False)
     assert time.perf_counter() - t0 < 2.0  # measured 0.02 s; parsing it would take ~5 s
 
 
