@@ -18,7 +18,8 @@ import torch
 from .checkpoint.byteio import BoxReader
 from .errors import CorruptCheckpointError, DestinationError, ScaleLayoutError
 from .formats import LogicalTensor
-from .numerics.fp8 import block_window, decode_scales, dequantize_into, first_bad_scale, first_nan_code, scale_limit
+from .numerics.fp8 import (block_window, decode_scales, dequantize_into, first_bad_scale, first_nan_code,
+                           scale_limit)
 
 # 64 MiB of FP8 codes per chunk: large enough that per-chunk overhead (<1 ms) is noise at 1 GB/s, small
 # enough to stay well inside the 64 MiB + chunk budget the memory bar allows.

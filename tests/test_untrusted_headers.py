@@ -169,7 +169,8 @@ def test_truncated_inside_the_header(tmp_path):
 def _ckpt(tmp_path, config=None, index=None):
     save_file({"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, str(tmp_path / "model.safetensors"))
     if config is not None:
-        (tmp_path / "config.json").write_bytes(config if isinstance(config, bytes) else json.dumps(config).encode())
+        raw = config if isinstance(config, bytes) else json.dumps(config).encode()
+        (tmp_path / "config.json").write_bytes(raw)
     if index is not None:
         (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     return tmp_path
@@ -314,6 +315,16 @@ def test_a_shard_that_shrinks_during_a_load_is_a_named_error_not_sigbus(tmp_path
 
 @pytest.mark.parametrize("extra", ['"x":1', '"x":' + "9" * 400, '"offsets":[0,8]'])
 def test_entries_have_exactly_the_three_keys(tmp_path, extra):
-    text = json.dumps(GOOD, separators=(",", ":")).encode().replace(b'"dtype":"F32"', b'"dtype":"F32",' + extra.encode())
+    text = json.dumps(GOOD, separators=(",", ":")).encode()
+    text = text.replace(b'"dtype":"F32"', b'"dtype":"F32",' + extra.encode())
     _write(tmp_path / "model.safetensors", text, DATA)
     _refused(tmp_path, match="header entry has keys", safetensors_refuses=extra.startswith('"x":9'))
+
+
+@pytest.mark.parametrize("q", [["FP8"], "FP8", 1])
+def test_modelopt_quantization_of_the_wrong_json_type(tmp_path, q):
+    _ckpt(tmp_path)
+    (tmp_path / "hf_quant_config.json").write_text(json.dumps({"quantization": q}))
+    with pytest.raises(CorruptCheckpointError, match="quantization is a JSON") as e:
+        sa.get_adapter(tmp_path)
+    assert "hf_quant_config.json" in str(e.value)

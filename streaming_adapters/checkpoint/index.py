@@ -166,7 +166,15 @@ class CheckpointIndex:
         if qc is None and isinstance(self.config.get("text_config"), Mapping):
             qc = self.config["text_config"].get("quantization_config")
         if qc is None and self.modelopt_config is not None:
-            q = dict(self.modelopt_config.get("quantization", {}))
+            q = self.modelopt_config.get("quantization", {})
+            if not isinstance(q, Mapping):
+                raise CorruptCheckpointError(
+                    f"hf_quant_config.json's quantization is a JSON {type(q).__name__}, not an object",
+                    file=str(self.path / MODELOPT_CONFIG_NAME), tensor="quantization",
+                    expected='{"quantization": {"quant_algo": "FP8", ...}}',
+                    fix="repair or re-export hf_quant_config.json",
+                )
+            q = dict(q)
             q["quant_method"] = "modelopt"
             return q
         if qc is not None and not isinstance(qc, Mapping):

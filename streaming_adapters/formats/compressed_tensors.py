@@ -32,7 +32,8 @@ def _groups(qc: Mapping[str, Any]) -> list[tuple[str, dict]]:
         for name, g in groups.items():
             if not isinstance(g, Mapping):
                 bad = f"config_groups[{name!r}] is a JSON {type(g).__name__}"
-            elif not isinstance(g.get("targets", []), list) or not all(isinstance(t, str) for t in g.get("targets", [])):
+            elif not (isinstance(g.get("targets", []), list)
+                      and all(isinstance(t, str) for t in g.get("targets", []))):
                 bad = f"config_groups[{name!r}].targets is not a list of strings"
             elif g.get("weights") is not None and not isinstance(g["weights"], Mapping):
                 bad = f"config_groups[{name!r}].weights is a JSON {type(g['weights']).__name__}"

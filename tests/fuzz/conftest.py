@@ -12,4 +12,5 @@ def pytest_terminal_summary(terminalreporter):
         return
     terminalreporter.section("fuzz outcomes (category: outcome x count)")
     for cat in sorted(outcomes):
-        terminalreporter.write_line(f"{cat:>16}: " + ", ".join(f"{k} x{v}" for k, v in sorted(outcomes[cat].items())))
+        counts = ", ".join(f"{k} x{v}" for k, v in sorted(outcomes[cat].items()))
+        terminalreporter.write_line(f"{cat:>16}: {counts}")
