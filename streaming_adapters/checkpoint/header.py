@@ -38,11 +38,11 @@ from typing import Any, Mapping
 from ..errors import CorruptCheckpointError
 
 # safetensors (Rust) refuses headers over 100,000,000 bytes.  Real ones are far smaller: DeepSeek-V3's largest
-# shard header is ~200 kB, and its whole model in one file (~92k entries) would be ~15 MB.  64 MiB is 4x that
-# and bounds what json.loads can be made to allocate (~20 bytes of Python objects per header byte).
+# shard header is ~200 kB, and its whole model in one file (~92k entries) would be ~15 MB.  64 MiB is 4x that;
+# with the count bounds below it bounds what json.loads can be made to allocate.
 MAX_HEADER_BYTES = 64 << 20
 # DeepSeek-V3 has ~92k tensors (weights + scales) in total; 262144 (2.8x) in ONE file leaves room for any real
-# model saved unsharded and bounds parsing at ~2 s / ~0.4 GB (measured, module docstring).
+# model saved unsharded and bounds parsing time and memory (measured: module docstring).
 MAX_TENSORS_PER_FILE = 1 << 18
 # Real tensors have <= 5 dims (video conv3d); 16 leaves room and bounds the shape product's size.
 MAX_NDIM = 16

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Iterable, Mapping
 import torch
 
 from ..checkpoint.index import CheckpointIndex, TensorInfo
-from ..errors import MissingScaleError, ScaleLayoutError
+from ..errors import MissingScaleError, ScaleLayoutError, UnknownFormatError
 
 # How stored scale values become fp32 multipliers.
 #   float:       F32 / BF16 / F16 values, used as they are
@@ -201,6 +201,8 @@ class StreamingFP8StateDictAdapter:
                 continue
             scale_name = self.scale_name(name)
             if info.is_fp8:
+                if scale_name is None and self.quant_method is None:
+                    self._fp8_without_config(name, info)
                 if scale_name is None:
                     raise MissingScaleError(
                         "FP8 weight without a scale: its codes cannot be dequantized",
@@ -247,6 +249,25 @@ class StreamingFP8StateDictAdapter:
                 "group_size); an FP8 weight with a 0 dim cannot be quantized",
             )
         return tuple(block)
+
+    def _fp8_without_config(self, name: str, info: TensorInfo) -> None:
+        """FP8 tensors in a checkpoint that declares no quantization: the config is what is missing (a scale
+        may well be there), so say that rather than "FP8 weight without a scale"."""
+        cfg = self._index.path / "config.json"
+        if not cfg.exists():
+            raise UnknownFormatError(
+                "the checkpoint stores FP8 tensors but has no config.json to say how they are quantized",
+                file=str(cfg), tensor=name,
+                expected="config.json with a quantization_config (quant_method, block size)",
+                fix="copy the model's config.json into the checkpoint folder (it ships with every Hugging Face "
+                "checkpoint)",
+            )
+        raise UnknownFormatError(
+            "the checkpoint stores FP8 tensors but config.json has no quantization_config",
+            file=str(cfg), tensor=name,
+            expected="a quantization_config (quant_method, block size) in config.json or its text_config",
+            fix="use the checkpoint's original config.json; an FP8 tensor is never loaded without its scale",
+        )
 
     def _expected_scale_names(self, weight_name: str) -> str:
         module = weight_name[: -len(".weight")] if weight_name.endswith(".weight") else weight_name
