@@ -224,7 +224,7 @@ USED = {
     "load_check": _ALWAYS + _LOAD + ("io.readers", "dry_run", "verify"),
     "plan": _ALWAYS + _LOAD,
     "dequantize_bf16": _ALWAYS + _CONVERT,
-    "fp8_to_nvfp4": _ALWAYS + _CONVERT + ("output.format", "output.ignore"),
+    "fp8_to_nvfp4": _ALWAYS + _CONVERT + ("output.format", "output.ignore", "calibration."),
     "benchmark": ("task", "device", "verbose", "report.path", "checkpoint.path", "benchmark.", "io.readers",
                   "io.backend"),
 }

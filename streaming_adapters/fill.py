@@ -16,9 +16,10 @@ from typing import Iterator
 import torch
 
 from .checkpoint.byteio import BoxReader
-from .errors import DestinationError, ScaleLayoutError
+from .errors import CorruptCheckpointError, DestinationError, ScaleLayoutError
 from .formats import LogicalTensor
-from .numerics.fp8 import block_window, decode_scales, dequantize_into
+from .numerics.fp8 import (block_window, decode_scales, dequantize_into, first_bad_scale, first_nan_code,
+                           scale_limit)
 
 # 64 MiB of FP8 codes per chunk: large enough that per-chunk overhead (<1 ms) is noise at 1 GB/s, small
 # enough to stay well inside the 64 MiB + chunk budget the memory bar allows.
@@ -78,6 +79,7 @@ class BoxFiller:
             src = self.io.read(lt.stored, sub_start, sub_len,
                                out=self._staging_for(math.prod(sub_len) * elem, max_elems * elem) if pinned else None)
             transient = 0 if (self.io.backend == "mmap" and device.type == "cpu") else src.nbytes
+            codes_host = src  # NaN codes are checked on the host copy, before any transfer
             if device.type != "cpu":
                 src = src.to(device, non_blocking=pinned)
             if lt.scale is None:
@@ -87,7 +89,8 @@ class BoxFiller:
             lo, hi = block_window(sub_start, sub_len, lt.scale.block)
             raw = self.io.read(lt.scale.tensor, lo, tuple(h - l for h, l in zip(hi, lo)))
             scale = decode_scales(raw, lt.scale.encoding)
-            _check_finite(scale, lt, lo, self.io.root)
+            _check_finite(scale, lt, lo, self.io.root, target.dtype)
+            _check_codes(codes_host, lt, sub_start, self.io.root)
             scratch = dequantize_into(dst, src, scale.to(device), sub_start, lt.scale.block, lo)
             if pinned:
                 torch.cuda.current_stream(device).synchronize()  # the staging buffer is reused next chunk
@@ -141,15 +144,37 @@ def _narrow(t: torch.Tensor, offsets: tuple[int, ...], lengths: tuple[int, ...])
     return t
 
 
-def _check_finite(scale: torch.Tensor, lt: LogicalTensor, lo: tuple[int, ...], root: Path) -> None:
-    finite = torch.isfinite(scale)
-    if bool(finite.all()):
+def _check_finite(scale: torch.Tensor, lt: LogicalTensor, lo: tuple[int, ...], root: Path,
+                  out_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Refuse a scale window with a NaN, an Inf, or a value that makes some code overflow ``out_dtype``."""
+    bad = first_bad_scale(scale, out_dtype)
+    if bad is None:
         return
-    bad = tuple(int(i) for i in (~finite).nonzero()[0])
     block = tuple(b + l for b, l in zip(bad, lo))
     value = float(scale[bad])
+    where = dict(file=str(root / lt.scale.tensor.file), tensor=lt.scale.tensor.name,
+                 expected=f"finite scales of magnitude at most {scale_limit(out_dtype):.4g}")
+    if not math.isfinite(value):
+        raise ScaleLayoutError(
+            f"scale is {value} (not finite) at block {list(block)}: the weights of that block would be NaN/Inf",
+            **where, fix="the checkpoint is damaged; re-download or re-export it",
+        )
     raise ScaleLayoutError(
-        f"scale is {value} (not finite) at block {list(block)}: the weights of that block would be NaN/Inf",
-        file=str(root / lt.scale.tensor.file), tensor=lt.scale.tensor.name,
-        expected="finite scales", fix="the checkpoint is damaged; re-download or re-export it",
+        f"scale is {value:g} at block {list(block)}: times the FP8 maximum 448 it overflows {out_dtype}, the "
+        "weights of that block would be Inf",
+        **where, fix="the checkpoint is damaged (no producer writes such a scale); re-download or re-export it",
+    )
+
+
+def _check_codes(codes: torch.Tensor, lt: LogicalTensor, box_start: tuple[int, ...], root: Path) -> None:
+    """Refuse NaN codes (0x7F / 0xFF) before they become NaN weights; on the host copy, before any transfer."""
+    bad = first_nan_code(codes)
+    if bad is None:
+        return
+    where = [s + i for s, i in zip(box_start, bad)]
+    raise CorruptCheckpointError(
+        f"FP8 code {int(codes.view(torch.uint8)[bad]):#04x} at element {where} is NaN in float8_e4m3fn",
+        file=str(root / lt.stored.file), tensor=lt.name,
+        expected="codes other than 0x7f / 0xff (producers saturate to +-448, codes 0x7e / 0xfe)",
+        fix="the checkpoint is damaged; re-download or re-export it",
     )

@@ -196,12 +196,13 @@ class GpuPipeline:
         if c.lt.scale is None:
             self.read_s += time.perf_counter() - t0
             return None
-        from .fill import _check_finite
+        from .fill import _check_codes, _check_finite
 
+        _check_codes(buf[: c.nbytes].view(info.torch_dtype).view(c.length), c.lt, c.start, self.io.root)
         lo, hi = block_window(c.start, c.length, c.lt.scale.block)
         shape = tuple(h - l for h, l in zip(hi, lo))
         scale = decode_scales(self.io.read(c.lt.scale.tensor, lo, shape), c.lt.scale.encoding)
-        _check_finite(scale, c.lt, lo, self.io.root)
+        _check_finite(scale, c.lt, lo, self.io.root, c.dst.dtype)
         sbuf[: scale.numel()].view(shape).copy_(scale)
         self.read_s += time.perf_counter() - t0
         return lo, shape

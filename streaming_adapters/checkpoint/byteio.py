@@ -4,7 +4,11 @@ Backends:
 
 * ``mmap`` (default on CPU): a private mapping of the file; a box is a strided *view* into the page
   cache, so reading costs no anonymous memory at all -- the numerics read the codes in place.  The kernel
-  faults in only the pages the box touches (plus readahead).
+  faults in only the pages the box touches (plus readahead).  Touching a page past the end of a file that
+  shrank after it was mapped kills the process with SIGBUS, so every read first re-checks the file's size
+  with ``fstat`` on the mapped descriptor (2 us measured, per box: a chunk of up to 64 MiB) and refuses a box
+  past the current end with a named error.  What remains is a shrink *during* the one box being read
+  (truncating a shard under a running load); the ``pread`` backend turns even that into the same error.
 * ``pread``: ``os.preadv`` of each contiguous run of the box into one buffer (optionally pinned, for
   host-to-device copies), with ``POSIX_FADV_RANDOM`` so the kernel does not read ahead: ranks on different
   nodes do not pay for bytes they do not use (measured on the GPU host: a 294 MiB TP shard became ~850 MiB
@@ -62,6 +66,7 @@ class BoxReader:
         self.advise_random = backend == "pread" if advise_random is None else advise_random
         self._maps: dict[str, torch.Tensor] = {}
         self._mms: dict[str, mmap.mmap] = {}
+        self._mfds: dict[str, int] = {}  # the mapped files' descriptors, for the size re-check
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
         self.bytes_read = 0
@@ -109,6 +114,8 @@ class BoxReader:
         if self.backend == "mmap":
             self._file_tensor(info.file)  # make sure the mapping exists
             mm = self._mms[info.file]
+            if len(mm) < info.end:
+                return  # the file shrank before it was mapped: the read itself names the error
             for a, b in ranges[:4096]:
                 lo = (info.begin + a) // page * page
                 try:
@@ -128,9 +135,10 @@ class BoxReader:
             except BufferError:  # a view still alive; the mapping goes when it does
                 pass
         self._mms.clear()
-        for fd in self._fds.values():
+        for fd in [*self._fds.values(), *self._mfds.values()]:
             os.close(fd)
         self._fds.clear()
+        self._mfds.clear()
 
     def __enter__(self) -> "BoxReader":
         return self
@@ -143,10 +151,17 @@ class BoxReader:
         with self._lock:
             t = self._maps.get(rel)
             if t is None:
-                with open(self.root / rel, "rb") as f:
+                fd = -1
+                try:
+                    fd = os.open(self.root / rel, os.O_RDONLY)
                     # ACCESS_COPY: private and writable from Python's view, so torch.frombuffer does not
                     # warn; nothing is ever written, so no page is copied.
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                    mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+                except (OSError, ValueError) as e:  # a vanished file, or one emptied since its header was read
+                    if fd >= 0:
+                        os.close(fd)
+                    raise _shrunk(self.root / rel, None, 0, f"cannot be mapped ({e})") from None
+                self._mfds[rel] = fd
                 if self.advise_random and hasattr(mm, "madvise"):
                     mm.madvise(mmap.MADV_RANDOM)
                 self._mms[rel] = mm
@@ -156,8 +171,18 @@ class BoxReader:
                 self._maps[rel] = t
             return t
 
+    def _check_size(self, info: TensorInfo) -> None:
+        """The file still holds the tensor and the mapping covers it: touching a mapped page past the end
+        of the file would be SIGBUS, not an exception."""
+        size = os.fstat(self._mfds[info.file]).st_size
+        if size < info.end or len(self._mms[info.file]) < info.end:
+            raise _shrunk(self.root / info.file, info.name, info.end,
+                          f"is {min(size, len(self._mms[info.file]))} bytes now")
+
     def _read_mmap(self, info, start, length) -> torch.Tensor:
-        raw = self._file_tensor(info.file)[info.begin:info.end]
+        ft = self._file_tensor(info.file)
+        self._check_size(info)
+        raw = ft[info.begin:info.end]
         if info.itemsize > 1 and info.begin % info.itemsize:
             raw = raw.clone()  # unaligned data offset: a dtype view needs alignment
         t = raw.view(info.torch_dtype).view(info.shape) if info.shape else raw.view(info.torch_dtype).view(())
@@ -192,6 +217,16 @@ class BoxReader:
                 _pread_full(fd, mv[pos:pos + run], info.begin + off, self.root / info.file, info.name)
                 pos += run
         return buf.view(info.torch_dtype).view(length)
+
+
+def _shrunk(path: Path, name: str | None, end: int, now: str):
+    from ..errors import CorruptCheckpointError
+
+    return CorruptCheckpointError(
+        f"file {now}: it changed or was truncated during the load",
+        file=str(path), tensor=name, expected=f"at least {end} bytes, as when its header was read",
+        fix="do not modify a checkpoint while it is loaded; re-download it and load again",
+    )
 
 
 def _pread_full(fd: int, dst: memoryview, offset: int, path: Path, name: str) -> None:

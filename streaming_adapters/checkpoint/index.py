@@ -1,10 +1,10 @@
 """The source checkpoint, from headers only: which tensor lives in which file at which bytes.
 
-A checkpoint is untrusted input.  Before any tensor byte is read we check, per file: the 8-byte header
-length is sane, the header is JSON, every entry has a known dtype, a shape, and ``data_offsets`` whose span
-equals ``numel * itemsize`` and lies inside the file (a truncated download fails here, naming the file and
-the first tensor that is cut off).  File names from ``model.safetensors.index.json`` must stay inside the
-checkpoint folder.
+A checkpoint is untrusted input.  Before any tensor byte is read, every file's header is checked as strictly
+as ``safetensors`` does and more (``checkpoint/header.py``: exact length, contiguous coverage of the data
+from 0 to the end of the file, no duplicate keys, bounded size and tensor count); a truncated download fails
+here, naming the file and the first tensor that is cut off.  File names from ``model.safetensors.index.json``
+must stay inside the checkpoint folder.
 
 A tensor may also be stored in *pieces* across files: torch DCP's distributed HF save
 (``HuggingFaceStorageWriter(save_distributed=True)``, torchtitan's HF save) writes each rank's shard to its
@@ -31,6 +31,7 @@ import torch
 
 from ..errors import CheckpointError, CorruptCheckpointError
 from . import files as _files
+from .header import loads_json_file, parse_header
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
@@ -56,10 +57,10 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "U8": (torch.uint8, 1),
     "BOOL": (torch.bool, 1),
 }
+_ITEMSIZES = {k: v[1] for k, v in DTYPES.items()}
 FP8_WEIGHT_DTYPES = ("F8_E4M3",)
-
-# A real header is KBs to ~15 MB (DeepSeek-V3's largest is ~200 kB); 100 MB means the length is garbage.
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
+# config.json / the index: DeepSeek-V3's index (~92k entries) is ~8 MB; 256 MB means the file is not one.
+_MAX_JSON_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -193,9 +194,24 @@ class CheckpointIndex:
         if qc is None and isinstance(self.config.get("text_config"), Mapping):
             qc = self.config["text_config"].get("quantization_config")
         if qc is None and self.modelopt_config is not None:
-            q = dict(self.modelopt_config.get("quantization", {}))
+            q = self.modelopt_config.get("quantization", {})
+            if not isinstance(q, Mapping):
+                raise CorruptCheckpointError(
+                    f"hf_quant_config.json's quantization is a JSON {type(q).__name__}, not an object",
+                    file=str(self.path / MODELOPT_CONFIG_NAME), tensor="quantization",
+                    expected='{"quantization": {"quant_algo": "FP8", ...}}',
+                    fix="repair or re-export hf_quant_config.json",
+                )
+            q = dict(q)
             q["quant_method"] = "modelopt"
             return q
+        if qc is not None and not isinstance(qc, Mapping):
+            raise CorruptCheckpointError(
+                f"quantization_config is a JSON {type(qc).__name__}, not an object",
+                file=str(self.path / CONFIG_NAME), tensor="quantization_config",
+                expected='an object such as {"quant_method": "fp8", "weight_block_size": [128, 128]}',
+                fix="repair config.json (remove quantization_config for a BF16 checkpoint)",
+            )
         return qc
 
     def __contains__(self, name: str) -> bool:
@@ -221,14 +237,7 @@ class CheckpointIndex:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptCheckpointError(
-            f"not valid JSON ({e})", file=str(path), expected="a JSON object",
-            fix="re-download or repair the file",
-        ) from None
+    data = loads_json_file(path, _MAX_JSON_BYTES)
     if not isinstance(data, dict):
         raise CorruptCheckpointError(
             "JSON file does not hold an object", file=str(path), expected="a JSON object",
@@ -246,6 +255,13 @@ def _weight_map(root: Path) -> dict[str, str] | None:
         raise CorruptCheckpointError(
             "index has no valid weight_map", file=str(index_path),
             expected='{"weight_map": {"<tensor>": "<file>.safetensors", ...}}',
+            fix="regenerate the index, or delete it to let the folder's *.safetensors be read",
+        )
+    empty = next((k for k, v in wm.items() if not v.strip()), None)
+    if empty is not None:
+        raise CorruptCheckpointError(
+            "index maps a tensor to an empty file name", file=str(index_path), tensor=empty,
+            expected='"<tensor>": "<file>.safetensors"',
             fix="regenerate the index, or delete it to let the folder's *.safetensors be read",
         )
     # Two spellings of one shard (./f.safetensors, f.safetensors/) are one file: one key, one output file.
@@ -274,56 +290,9 @@ def _first_key_for(weight_map: Mapping[str, str] | None, rel: str) -> str | None
 
 
 def _parse_header(full: Path, rel: str, size: int) -> list[TensorInfo]:
-    def corrupt(problem: str, tensor: str | None = None, expected: str | None = None) -> CorruptCheckpointError:
-        return CorruptCheckpointError(
-            problem, file=str(full), tensor=tensor, expected=expected,
-            fix="the file is damaged or incompletely downloaded: re-download it",
-        )
-
-    with open(full, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise corrupt(f"file is {size} bytes, too short for a safetensors header", expected=">= 8 bytes")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, _MAX_HEADER_BYTES):
-            raise corrupt(
-                f"header length field says {n} bytes but the file has {size - 8} after it",
-                expected="a header length that fits in the file",
-            )
-        raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise corrupt(f"header is not valid JSON ({e})", expected="a JSON object") from None
-    if not isinstance(header, dict):
-        raise corrupt("header is not a JSON object", expected="a JSON object")
-    data_start = 8 + n
-    out: list[TensorInfo] = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(entry, dict):
-            raise corrupt("header entry is not an object", tensor=name)
-        dtype, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
-            raise corrupt(f"unknown dtype {dtype!r}", tensor=name, expected=f"one of {sorted(DTYPES)}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise corrupt(f"bad shape {shape!r}", tensor=name, expected="a list of non-negative ints")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
-            raise corrupt(f"bad data_offsets {offs!r}", tensor=name, expected="[begin, end]")
-        nbytes = math.prod(shape) * DTYPES[dtype][1]
-        if offs[0] < 0 or offs[1] - offs[0] != nbytes:
-            raise corrupt(
-                f"data_offsets {offs} span {offs[1] - offs[0]} bytes",
-                tensor=name, expected=f"{nbytes} bytes for {dtype} {shape}",
-            )
-        if data_start + offs[1] > size:
-            raise corrupt(
-                f"file is truncated: it has {size} bytes, this tensor ends at byte {data_start + offs[1]}",
-                tensor=name, expected=f"at least {data_start + offs[1]} bytes",
-            )
-        out.append(TensorInfo(name, rel, dtype, tuple(shape), data_start + offs[0], data_start + offs[1]))
-    return out
+    """The validated entries of one file's header (rules: :mod:`.header`)."""
+    _, entries = parse_header(full, size, _ITEMSIZES)
+    return [TensorInfo(name, rel, dtype, shape, begin, end) for name, dtype, shape, begin, end in entries]
 
 
 # -- tensors in pieces (torch DCP distributed HF save) --------------------------------------------------

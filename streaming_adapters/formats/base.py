@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping
 import torch
 
 from ..checkpoint.index import CheckpointIndex, TensorInfo
-from ..errors import MissingScaleError, ScaleLayoutError
+from ..errors import MissingScaleError, ScaleLayoutError, UnknownFormatError
 
 if TYPE_CHECKING:
     from .decoder import BoxDecoder
@@ -70,7 +70,52 @@ class LogicalTensor:
 
 
 def grid_shape(shape: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(math.ceil(s / b) for s, b in zip(shape, block))
+    return tuple(-(-s // b) for s, b in zip(shape, block))  # integer ceil: exact for any size
+
+
+def prove_block_sizes(pairs: Iterable[tuple[TensorInfo, tuple[int, ...], tuple[int, ...]]], config: str) -> None:
+    """Refuse a block size that the stored scale grids do not pin down (issue 13: a 128-block checkpoint
+    declared [129, 129] or [112, 128] has the same ceil grids for its 320x200 weights and would load wrong).
+
+    Per weight dim (counted from the last) and declared block ``b``, the sizes ``b'`` with
+    ``ceil(d / b') == g`` for every (dim ``d``, grid ``g``) pair form an interval ``[lo, hi]``:
+    ``lo = max ceil(d / g)``, ``hi = min floor((d - 1) / (g - 1))`` over pairs with ``g >= 2`` (pairs with
+    ``g == 1`` are one block whatever ``b'``: any size gives the same values there).  ``b`` is proven when
+
+    * the interval is ``{b}`` (some dim's grid is unique to ``b``), or
+    * some dim is an exact multiple, ``d == g * b`` (7168 = 56 x 128: then ``b == lo``; the producer's
+      block), or
+    * ``b`` is the only power of two in the interval: every producer (DeepSeek, Qwen, llm-compressor,
+      ModelOpt) uses power-of-two blocks, and a non-power-of-two declaration must be proven by the data.
+
+    Otherwise another ``b'`` in the interval gives the same grids but different values: refuse.
+    """
+    axes: dict[tuple[int, int], list[int]] = {}  # (dim from the end, b) -> [lo, hi, exact]
+    where: dict[tuple[int, int], str] = {}
+    for info, block, grid in pairs:
+        nd = len(info.shape)
+        for i, (d, b, g) in enumerate(zip(info.shape, block, grid)):
+            if g < 2:
+                continue
+            key = (i - nd, b)
+            st = axes.setdefault(key, [1, 1 << 63, 0])
+            st[0] = max(st[0], -(-d // g))
+            st[1] = min(st[1], (d - 1) // (g - 1))
+            st[2] |= d == g * b
+            where.setdefault(key, info.name)
+    for (axis, b), (lo, hi, exact) in sorted(axes.items()):
+        pow2 = [1 << k for k in range(max(lo, 1).bit_length() - 1, hi.bit_length() + 1) if lo <= 1 << k <= hi]
+        if lo == hi or exact or pow2 == [b]:
+            continue
+        raise ScaleLayoutError(
+            f"block size {b} (weight dim {axis}) is not proven by the stored scales: every block size in "
+            f"{lo}..{hi} gives the same scale grids for all weights, but they dequantize to different values",
+            file=config, tensor=where[(axis, b)],
+            expected=f"a block size pinned by the tensors: a weight dim that is an exact multiple of {b}, a "
+            f"grid only {b} gives, or {b} the only power of two in {lo}..{hi}",
+            fix="check the block size in quantization_config (weight_block_size / block_structure / group_size) "
+            "against the exporter's (DeepSeek, Qwen, llm-compressor: 128); a wrong one would load wrong values",
+        )
 
 
 class StreamingFP8StateDictAdapter:
@@ -167,12 +212,15 @@ class StreamingFP8StateDictAdapter:
         logical: dict[str, LogicalTensor] = {}
         hidden: dict[str, TensorInfo] = {}
         used_scales: set[str] = set()
+        pairs: list[tuple[TensorInfo, tuple[int, ...], tuple[int, ...]]] = []
         for name, info in self._index.tensors.items():
             if self.is_hidden(name):
                 hidden[name] = info
                 continue
             scale_name = self.scale_name(name)
             if info.is_fp8:
+                if scale_name is None and self.quant_method is None:
+                    self._fp8_without_config(name, info)
                 if scale_name is None:
                     raise MissingScaleError(
                         "FP8 weight without a scale: its codes cannot be dequantized",
@@ -182,8 +230,9 @@ class StreamingFP8StateDictAdapter:
                         "with the right scale_suffixes (docs/adapters.md)",
                     )
                 scale = self._index[scale_name]
-                block = self.scale_block(info, scale)
+                block = self._valid_block(info, self.scale_block(info, scale))
                 grid_dims = self._check_grid(info, scale, block)
+                pairs.append((info, block, grid_dims))
                 # Same bytes, viewed with the grid's shape, so windows are read in weight coordinates.
                 grid = ScaleGrid(replace(scale, shape=grid_dims), block, self.scale_encoding(info, scale))
                 logical[name] = LogicalTensor(name, info.shape, self.output_dtype, info, grid)
@@ -197,7 +246,46 @@ class StreamingFP8StateDictAdapter:
                         fix="the checkpoint mixes formats; re-export it, or drop the stray scale",
                     )
                 logical[name] = LogicalTensor(name, info.shape, info.torch_dtype, info, None)
+        prove_block_sizes(pairs, self._config_file)
         return AdapterPlan(logical, hidden)
+
+    @property
+    def _config_file(self) -> str:
+        return str(self._index.path / "config.json") if self.index is not None else "config.json"
+
+    def _valid_block(self, weight: TensorInfo, block: Any) -> tuple[int, ...]:
+        """``block`` as positive ints, one per weight dim; anything else (0, a string, a float, a bool from a
+        hand-edited config) is a named error here, not a ZeroDivisionError or TypeError later."""
+        ok = isinstance(block, (tuple, list)) and len(block) == len(weight.shape) and all(
+            type(b) is int and b > 0 for b in block)
+        if not ok:
+            raise ScaleLayoutError(
+                f"block size {block!r} for a weight of shape {list(weight.shape)} is not one positive integer "
+                "per dim", file=self._config_file, tensor=weight.name,
+                expected=f"{len(weight.shape)} positive integers, e.g. [128, 128] (an empty weight has no block)",
+                fix="fix the block size in quantization_config (weight_block_size / block_structure / "
+                "group_size); an FP8 weight with a 0 dim cannot be quantized",
+            )
+        return tuple(block)
+
+    def _fp8_without_config(self, name: str, info: TensorInfo) -> None:
+        """FP8 tensors in a checkpoint that declares no quantization: the config is what is missing (a scale
+        may well be there), so say that rather than "FP8 weight without a scale"."""
+        cfg = self._index.path / "config.json"
+        if not cfg.exists():
+            raise UnknownFormatError(
+                "the checkpoint stores FP8 tensors but has no config.json to say how they are quantized",
+                file=str(cfg), tensor=name,
+                expected="config.json with a quantization_config (quant_method, block size)",
+                fix="copy the model's config.json into the checkpoint folder (it ships with every Hugging Face "
+                "checkpoint)",
+            )
+        raise UnknownFormatError(
+            "the checkpoint stores FP8 tensors but config.json has no quantization_config",
+            file=str(cfg), tensor=name,
+            expected="a quantization_config (quant_method, block size) in config.json or its text_config",
+            fix="use the checkpoint's original config.json; an FP8 tensor is never loaded without its scale",
+        )
 
     def _expected_scale_names(self, weight_name: str) -> str:
         if not weight_name.endswith(".weight"):
@@ -238,7 +326,14 @@ def compile_patterns(items: Iterable[str]) -> list[tuple[str, Any]]:
     out = []
     for item in items or ():
         if item.startswith("re:"):
-            out.append(("re", re.compile(item[3:])))
+            try:
+                out.append(("re", re.compile(item[3:])))
+            except re.error as e:
+                raise ScaleLayoutError(
+                    f"target {item!r} is not a valid regular expression ({e})", file="config.json",
+                    tensor="quantization_config", expected="'re:<python regex>' or a module name",
+                    fix="repair the pattern in quantization_config (config_groups targets / ignore)",
+                ) from None
         else:
             out.append(("name", item))
     return out

@@ -22,7 +22,30 @@ FP8_FORMATS = ("float-quantized", "naive-quantized")
 
 
 def _groups(qc: Mapping[str, Any]) -> list[tuple[str, dict]]:
-    return [(name, g) for name, g in sorted((qc.get("config_groups") or {}).items())]
+    """``config_groups`` as (name, group) pairs; a hand-edited config of the wrong JSON types is a named error
+    (not an AttributeError deep inside detect())."""
+    groups = qc.get("config_groups") or {}
+    bad = None
+    if not isinstance(groups, Mapping):
+        bad = f"config_groups is a JSON {type(groups).__name__}"
+    else:
+        for name, g in groups.items():
+            if not isinstance(g, Mapping):
+                bad = f"config_groups[{name!r}] is a JSON {type(g).__name__}"
+            elif not (isinstance(g.get("targets", []), list)
+                      and all(isinstance(t, str) for t in g.get("targets", []))):
+                bad = f"config_groups[{name!r}].targets is not a list of strings"
+            elif g.get("weights") is not None and not isinstance(g["weights"], Mapping):
+                bad = f"config_groups[{name!r}].weights is a JSON {type(g['weights']).__name__}"
+            if bad:
+                break
+    if bad:
+        raise ScaleLayoutError(
+            bad, file="config.json", tensor="quantization_config.config_groups",
+            expected='{"group_0": {"targets": ["Linear"], "weights": {"type": "float", "num_bits": 8, ...}}}',
+            fix="repair quantization_config in config.json (it is not what llm-compressor writes)",
+        )
+    return sorted(groups.items())
 
 
 @register_adapter
@@ -36,7 +59,7 @@ class CompressedTensorsFP8Adapter(StreamingFP8StateDictAdapter):
     @classmethod
     def detect(cls, quant_config, index) -> bool:
         qc = quant_config or {}
-        formats = {qc.get("format")} | {g.get("format") for _, g in _groups(qc)}
+        formats = {str(qc.get("format"))} | {str(g.get("format")) for _, g in _groups(qc)}
         return bool(formats & set(FP8_FORMATS))
 
     def _scheme_for(self, module: str) -> dict:
@@ -57,7 +80,7 @@ class CompressedTensorsFP8Adapter(StreamingFP8StateDictAdapter):
     def scale_block(self, weight, scale):
         module = weight.name.rsplit(".", 1)[0]
         w = self._scheme_for(module)
-        if w.get("type", "float") != "float" or int(w.get("num_bits", 8)) != 8:
+        if w.get("type", "float") != "float" or w.get("num_bits", 8) != 8:
             raise UnknownFormatError(
                 f"compressed-tensors scheme type={w.get('type')} num_bits={w.get('num_bits')} is not FP8",
                 file="config.json", tensor=weight.name, expected="weights.type 'float', num_bits 8",
@@ -78,7 +101,7 @@ class CompressedTensorsFP8Adapter(StreamingFP8StateDictAdapter):
             return (1,) * n_lead + (1, k)
         if strategy == "group":
             g = w.get("group_size")
-            if not isinstance(g, int) or g <= 0:
+            if type(g) is not int or g <= 0:  # not bool, not 128.0
                 raise ScaleLayoutError(
                     f"group strategy with group_size {g!r}", file="config.json", tensor=weight.name,
                     expected="a positive group_size", fix="fix quantization_config",
@@ -86,12 +109,12 @@ class CompressedTensorsFP8Adapter(StreamingFP8StateDictAdapter):
             return (1,) * n_lead + (1, g)
         if strategy == "block":
             bs = w.get("block_structure")
-            if not (isinstance(bs, (list, tuple)) and len(bs) == 2):
+            if not (isinstance(bs, (list, tuple)) and len(bs) == 2 and all(type(b) is int and b > 0 for b in bs)):
                 raise ScaleLayoutError(
                     f"block strategy with block_structure {bs!r}", file="config.json", tensor=weight.name,
-                    expected="[block_rows, block_cols]", fix="fix quantization_config",
+                    expected="[block_rows, block_cols], two positive integers", fix="fix quantization_config",
                 )
-            return (1,) * n_lead + (int(bs[0]), int(bs[1]))
+            return (1,) * n_lead + (bs[0], bs[1])
         raise UnknownFormatError(
             f"compressed-tensors strategy {strategy!r} is not an FP8 weight strategy",
             file="config.json", tensor=weight.name, expected="tensor, channel, group or block",

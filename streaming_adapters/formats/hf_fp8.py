@@ -44,10 +44,11 @@ class FineGrainedFP8BlockAdapter(StreamingFP8StateDictAdapter):
     @property
     def block_size(self) -> tuple[int, int]:
         bs = self.quant_config.get("weight_block_size")
-        if not (isinstance(bs, (list, tuple)) and len(bs) == 2 and all(isinstance(b, int) and b > 0 for b in bs)):
+        # type(b) is int: JSON true/false are bools (an int subclass) and 128.5 must not become 128.
+        if not (isinstance(bs, (list, tuple)) and len(bs) == 2 and all(type(b) is int and b > 0 for b in bs)):
             raise ScaleLayoutError(
                 f"weight_block_size {bs!r} is not two positive ints",
-                file="config.json", tensor="quantization_config.weight_block_size",
+                file=self._config_file, tensor="quantization_config.weight_block_size",
                 expected="e.g. [128, 128]", fix="fix quantization_config in config.json",
             )
         return int(bs[0]), int(bs[1])
