@@ -32,7 +32,7 @@ def error_sites() -> list[dict[str, str]]:
     """Every raise of one of our errors with a literal message: class, message, fix, where."""
     classes = {"CheckpointError", "CorruptCheckpointError", "UnsafePathError", "MissingScaleError",
                "ScaleLayoutError", "UnknownFormatError", "DestinationError", "OutputExistsError",
-               "AlreadyNVFP4Error"}
+               "AlreadyNVFP4Error", "CalibrationDataError"}
     sites = []
     for path in sorted(PKG.rglob("*.py")):
         tree = ast.parse(path.read_text())

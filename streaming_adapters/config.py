@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
+from .calibrate.config import CalibrationConfig
+
 TASKS = ("load_check", "dequantize_bf16", "fp8_to_nvfp4", "benchmark", "plan")
 
 
@@ -117,6 +119,7 @@ class RunConfig:
     io: IOConfig = field(default_factory=IOConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     device: str = "cpu"
     """cpu or cuda (each rank uses cuda:LOCAL_RANK)."""
     dry_run: bool = False
@@ -150,7 +153,7 @@ def _dataclass_of(tp) -> type | None:
     name = tp if isinstance(tp, str) else getattr(tp, "__name__", "")
     name = name.replace("Optional[", "").rstrip("]")
     return {c.__name__: c for c in (FabricateConfig, CheckpointConfig, OutputConfig, ParallelConfig, IOConfig,
-                                    ReportConfig, BenchmarkConfig)}.get(name)
+                                    ReportConfig, BenchmarkConfig, CalibrationConfig)}.get(name)
 
 
 def _attribute_docs(cls) -> dict[str, str]:

@@ -80,6 +80,10 @@ class DestinationError(CheckpointError):
     """A destination tensor has the wrong shape or dtype, or a requested key is missing."""
 
 
+class CalibrationDataError(CheckpointError):
+    """Calibration data (W4A4) that is missing, malformed, too short, or holds ids outside the vocabulary."""
+
+
 class DistributedCheckpointError(CheckpointError):
     """Errors raised on one or more ranks, gathered so every rank raises the same error."""
 

@@ -55,6 +55,7 @@ class Preflight:
     gpu_capacity: float | None = None
     problems: list[str] = field(default_factory=list)
     fitting: list[tuple[Layout, int]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)       # extra lines (W4A4 calibration's need)
 
     @property
     def fits(self) -> bool:
@@ -71,6 +72,7 @@ class Preflight:
                          f"{_fmt_bytes(r.gpu_bytes) if self.device == 'cuda' else '-':>10}")
         lines.append(f"naive path (FineGrainedFP8Config(dequantize=True)): the whole BF16 model on every rank = "
                      f"{_fmt_bytes(self.naive_bytes)} per rank")
+        lines += self.notes
         if self.problems:
             lines += [f"DOES NOT FIT: {p}" for p in self.problems]
         if self.fitting:

@@ -58,12 +58,17 @@ def compose(config_name: str, overrides: list[str], config_dir: str | None = Non
 def recipes_dir() -> str:
     """The installed ``streaming_adapters.recipes`` package, or ``recipes/`` of a source checkout used
     without installing (``PYTHONPATH=.``)."""
+    # A source checkout's own recipes/ first: with PYTHONPATH=<checkout> over an editable install of another
+    # tree, the installed mapping would serve that other tree's recipes.
+    local = Path(__file__).resolve().parent.parent / "recipes"
+    if (local / "__init__.py").exists():
+        return str(local)
     try:
         from importlib.resources import files
 
         return str(files(RECIPES_MODULE))
     except ModuleNotFoundError:
-        return str(Path(__file__).resolve().parent.parent / "recipes")
+        return str(local)
 
 
 def list_recipes() -> list[str]:

@@ -70,7 +70,14 @@ def preflight(cfg, layout: Layout) -> Preflight:
         target = "bf16" if cfg.task == "dequantize_bf16" else "nvfp4"
         plan = make_plan(index, adapter, target, cfg.output.format, layout.world_size,
                          step_bytes=int(cfg.io.step_mb * (1 << 20)), ignore=list(cfg.output.ignore))
-        return plan_convert(plan, cfg.device, chunk, host, gpu, layout)
+        pf = plan_convert(plan, cfg.device, chunk, host, gpu, layout)
+        if target == "nvfp4" and cfg.calibration.data is not None:  # W4A4: the calibration's need too
+            from .calibrate import plan as cplan
+
+            need = cplan.calibration_need(adapter.plan.logical, index.config, _calibration(cfg), layout.world_size)
+            pf.notes += need.lines(cfg.device)
+            pf.problems += cplan.problems(need, cfg.device, host, gpu)
+        return pf
     return plan_load(index, adapter, layout, device=cfg.device, chunk_bytes=chunk, io_backend=cfg.io.backend,
                      host_capacity=host, gpu_capacity=gpu)
 
@@ -183,6 +190,7 @@ def convert(cfg, pf: Preflight) -> dict[str, Any]:
         step_bytes=int(cfg.io.step_mb * (1 << 20)), chunk_bytes=cfg.io.chunk_mb << 20, io_backend=cfg.io.backend,
         ignore=list(cfg.output.ignore), overwrite=cfg.output.overwrite, restart=cfg.output.restart,
         device=device, sync_every_s=cfg.io.sync_s, readers=cfg.io.readers, progress=cfg.report.progress,
+        calibration=_calibration(cfg) if target == "nvfp4" else None,
     )
     out = report.to_dict()
     out["planned"] = [vars(r) for r in pf.ranks]
@@ -194,6 +202,16 @@ def convert(cfg, pf: Preflight) -> dict[str, Any]:
         say(v.table())
     say(report.summary_line())
     return out
+
+
+def _calibration(cfg):
+    """``calibration.data`` set: W4A4 (docs/calibration.md); the recipe node as the dataclass."""
+    from .calibrate.config import CalibrationConfig
+
+    c = cfg.calibration
+    if c.data is None:
+        return None
+    return CalibrationConfig(**{k: c[k] for k in c}) if not isinstance(c, CalibrationConfig) else c
 
 
 def write_report(cfg, result: dict[str, Any], rank: int) -> Path | None:

@@ -54,6 +54,7 @@ def convert_checkpoint(
     readers: int = 8,
     progress: bool = True,
     verbose: bool = False,
+    calibration=None,
 ) -> ConvertReport:
     """Convert an FP8 (or BF16) checkpoint into a BF16 or NVFP4 checkpoint at ``dst``.
 
@@ -63,6 +64,9 @@ def convert_checkpoint(
     size; a killed run resumes from its last finished step when called again with the same arguments.
     ``sync_every_s``: how often the written steps are fsynced and recorded as done (the resume points);
     0 = after every step.  Between sync points ranks run without barriers.
+    ``calibration`` (nvfp4): W4A4 -- a ``streaming_adapters.calibrate.CalibrationConfig`` or just the
+    calibration data's path; the activation scales are calibrated layer by layer first (docs/calibration.md),
+    the weights written exactly as without it.
     """
     rank, world = rank_and_world(process_group)
     dev = torch.device(device)
@@ -71,11 +75,23 @@ def convert_checkpoint(
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst).absolute()
     error: BaseException | None = None
-    plan = None
+    plan = tokens = None
+    from ..calibrate import run as calib
+
+    cal = calib.as_config(calibration)
     try:
         index = CheckpointIndex.open(src)
         adapter = get_adapter(src, index=index)
-        plan = make_plan(index, adapter, target, format, world, step_bytes=step_bytes, ignore=ignore)
+        if cal is not None and target != "nvfp4":
+            raise CheckpointError("calibration needs target='nvfp4'", expected="target='nvfp4' (W4A4)",
+                                  fix="drop calibration, or convert to nvfp4")
+        cal_id = None
+        if cal is not None:  # every error in the data before any compute
+            tokens = calib.read_tokens(src, cal)
+            cal_id = {"tokens_sha256": tokens.sha256, "moe_all_experts": calib.moe_rule(cal, format),
+                      "attention": calib.attention(format)}
+        plan = make_plan(index, adapter, target, format, world, step_bytes=step_bytes, ignore=ignore,
+                         calibration=cal_id)
     except (CheckpointError, ValueError) as e:
         error = e if isinstance(e, CheckpointError) else CheckpointError(str(e), fix="check the arguments")
     raise_on_all_ranks(error, process_group)
@@ -91,6 +107,12 @@ def convert_checkpoint(
             error = e
     raise_on_all_ranks(error, process_group)
     done = all_gather_object(done, process_group)[0]
+    calibrated = None
+    if tokens is not None:
+        from ..convert.staging import BOOK
+
+        calibrated = calib.calibration_table(plan, src, tokens, cal, staged.root / BOOK, process_group, dev,
+                                             progress and rank == 0)
 
     io = BoxReader(index.path, io_backend)
     filler = BoxFiller(io, chunk_bytes)
@@ -153,6 +175,8 @@ def convert_checkpoint(
         bytes_written=sum(getattr(r, "bytes_written", 0) for r in ranks), output_bytes=plan.total_output_bytes,
         ignore=plan.ignore,
     )
+    if calibrated is not None:
+        report.calibration = {**calibrated.to_dict(), "input_amax": plan.input_amax}
     if verbose and rank == 0:
         print(report.summary_line(), flush=True)
     return report
@@ -251,6 +275,12 @@ def _run_step(plan: ConversionPlan, step: Step, rank: int, filler: BoxFiller, st
         if piece.r0 == 0:
             gs_out = outs["global_scale"]
             staged.pwrite(*plan.location(gs_out)[:2], _bytes(gs.to(torch.float32).reshape(gs_out.shape)))
+            if "input_scale" in outs:  # W4A4: from the calibrated table (calibrate/scales.py)
+                from ..calibrate.scales import input_scale
+
+                o = outs["input_scale"]
+                x = input_scale(plan.format, plan.input_amax[piece.tensor[: -len(".weight")]])
+                staged.pwrite(*plan.location(o)[:2], _bytes(x.reshape(o.shape)))
     held.clear()
 
 
@@ -258,7 +288,7 @@ def _finalize(plan: ConversionPlan, staged: StagedOutput, index: CheckpointIndex
     weight_map = {name: f for name, f in sorted(plan.file_of.items())}
     index_json = {"metadata": {"total_size": sum(o.nbytes for outs in plan.outputs.values() for o in outs)},
                   "weight_map": weight_map}
-    extra = {"config.json": output_config(index.config, plan.target, plan.format, plan.ignore)}
+    extra = {"config.json": output_config(index.config, plan.target, plan.format, plan.ignore, plan.w4a4)}
     if plan.format == "modelopt":
-        extra["hf_quant_config.json"] = modelopt_hf_quant_config(plan.ignore)
+        extra["hf_quant_config.json"] = modelopt_hf_quant_config(plan.ignore, plan.w4a4)
     staged.finalize(index_json, extra, index.path, overwrite)

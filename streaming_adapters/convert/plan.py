@@ -63,6 +63,12 @@ class ConversionPlan:
     steps: list[Step]
     ignore: list[str]
     fingerprint: str
+    calibration: dict | None = None          # W4A4: {"tokens_sha256", "moe_all_experts", "attention"}
+    input_amax: dict[str, float] = field(default_factory=dict)  # W4A4: module -> calibrated input amax
+
+    @property
+    def w4a4(self) -> bool:
+        return self.calibration is not None
 
     def location(self, out: OutputTensor) -> tuple[str, int, int]:
         f = self.file_of[out.name]
@@ -97,8 +103,12 @@ def make_plan(
     *,
     step_bytes: int = DEFAULT_STEP_BYTES,
     ignore: list[str] | tuple[str, ...] = (),
+    calibration: dict | None = None,
 ) -> ConversionPlan:
+    """``calibration`` (nvfp4 only): W4A4, every NVFP4 Linear gets an input-scale output; the dict (tokens'
+    sha256, MoE rule) enters the fingerprint and the tokens' sha256 the files' metadata."""
     target, fmt = normalize_target(target, fmt)
+    w4a4 = calibration is not None and target == "nvfp4"
     logical = dict(adapter.plan.logical)
     if target == "nvfp4" and adapter.layout == "nvfp4":
         raise AlreadyNVFP4Error(
@@ -121,7 +131,7 @@ def make_plan(
         nvfp4[name] = q
         if target == "nvfp4" and is_linear_weight(lt) and not q:
             ignore_list.add(name[: -len(".weight")])
-    outputs = {n: outputs_for(lt, target, fmt, nvfp4[n]) for n, lt in logical.items()}
+    outputs = {n: outputs_for(lt, target, fmt, nvfp4[n], w4a4) for n, lt in logical.items()}
 
     # Files: mirror the source files.
     per_file: dict[str, list[OutputTensor]] = {}
@@ -134,7 +144,8 @@ def make_plan(
     if len(file_of) != sum(len(v) for v in outputs.values()):
         raise CheckpointError("two source tensors map to the same output name", file=str(index.path),
                               expected="unique output names", fix="report this checkpoint layout as a bug")
-    files = {f: layout_file(f, ts) for f, ts in sorted(per_file.items())}
+    meta = {"format": "pt", "calibration_tokens_sha256": calibration["tokens_sha256"]} if w4a4 else None
+    files = {f: layout_file(f, ts, meta) for f, ts in sorted(per_file.items())}
 
     # Units, in checkpoint (layer) order.
     order = sorted(logical, key=lambda n: (_layer_key(n), n))
@@ -160,9 +171,9 @@ def make_plan(
         step.units.sort(key=lambda u: not nvfp4[u[0]])  # stable: amax vector order = nvfp4 units first
         step.pieces = _assign(step, logical, world_size)
 
-    fp = _fingerprint(index, target, fmt, user_ignore, step_bytes)
+    fp = _fingerprint(index, target, fmt, user_ignore, step_bytes, calibration if w4a4 else None)
     return ConversionPlan(str(index.path), target, fmt, logical, nvfp4, outputs, files, file_of, steps,
-                          sorted(ignore_list), fp)
+                          sorted(ignore_list), fp, calibration if w4a4 else None)
 
 
 def _bf16_bytes(lt: LogicalTensor) -> int:
@@ -207,9 +218,12 @@ def _split_rows(rows: int, world: int, align: int) -> list[tuple[int, int]]:
     return [(cuts[r], cuts[r + 1]) for r in range(world)]
 
 
-def _fingerprint(index: CheckpointIndex, target: str, fmt: str | None, ignore: list[str], step_bytes: int) -> str:
+def _fingerprint(index: CheckpointIndex, target: str, fmt: str | None, ignore: list[str], step_bytes: int,
+                 calibration: dict | None = None) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([target, fmt, ignore, step_bytes], sort_keys=True).encode())
+    # W4A16 keeps its old fingerprint (a resumed W4A16 run from before W4A4 existed still matches).
+    h.update(json.dumps([target, fmt, ignore, step_bytes] + ([calibration] if calibration else []),
+                        sort_keys=True).encode())
     for rel, size in sorted(index.file_sizes.items()):
         h.update(f"{rel}:{size}".encode())
     for name, t in sorted(index.tensors.items()):

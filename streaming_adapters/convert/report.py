@@ -17,6 +17,7 @@ class ConvertReport(LoadReport):
     bytes_written: int = 0
     output_bytes: int = 0
     ignore: list[str] = field(default_factory=list)
+    calibration: dict | None = None  # W4A4: tokens' sha256, per-layer timings, the input amax table
 
     def summary_line(self, kind: str = "convert") -> str:
         line = super().summary_line(kind=f"convert -> {self.target}{'/' + self.format if self.format else ''}")

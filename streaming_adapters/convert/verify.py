@@ -51,11 +51,13 @@ class VerifyReport:
     missing: list[str] = field(default_factory=list)
     fused_violations: list[str] = field(default_factory=list)
     fused_groups: int = 0
+    input_scales: int = 0                                    # W4A4: activation scales checked
+    input_scale_problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         plain_ok = all(t.exact for t in self.tensors if t.kind != "nvfp4")
-        return plain_ok and not self.missing and not self.fused_violations
+        return plain_ok and not self.missing and not self.fused_violations and not self.input_scale_problems
 
     @property
     def worst_snr_db(self) -> float:
@@ -86,6 +88,10 @@ class VerifyReport:
                 lines.append(f"  {t.name:<60} {t.rel_error:>9.4f} {t.snr_db:>8.2f} {t.max_abs_error:>10.3g}")
         for v in self.fused_violations[:5]:
             lines.append(f"  fused-group violation: {v}")
+        if self.input_scales or self.input_scale_problems:
+            lines.append(f"  W4A4: {self.input_scales} input scales, {len(self.input_scale_problems)} problems")
+        for v in self.input_scale_problems[:5]:
+            lines.append(f"  input-scale problem: {v}")
         for m in self.missing[:5]:
             lines.append(f"  missing in output: {m}")
         return "\n".join(lines)
@@ -134,6 +140,13 @@ def verify_checkpoint(
         report.missing += part[1]
     report.tensors.sort(key=lambda t: t.name)
     _check_fused(report)
+    from ..calibrate.verify import check_input_scales, is_w4a4
+
+    if is_w4a4(out_idx.config, fmt):
+        with BoxReader(out_idx.path) as oio:
+            mods = [t.name[: -len(".weight")] for t in report.tensors if t.kind == "nvfp4"]
+            report.input_scales, report.input_scale_problems = check_input_scales(
+                mods, fmt, lambda n: float(oio.read(out_idx[n]).float().reshape(-1)[0]) if n in out_idx else None)
     if report_path is not None and rank == 0:
         report.to_json(report_path)
     return report

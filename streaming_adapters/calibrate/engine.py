@@ -1,0 +1,197 @@
+"""The per-layer calibration loop: one decoder layer real at a time, every sample through it.
+
+Per decoder layer ``i`` on each rank: fill the layer from the FP8 checkpoint (``Skeleton.fill_layer``, the
+project's reader, bit-exact BF16), hook every target ``nn.Linear`` with a forward-pre hook keeping a running
+``max |x|`` in BF16 (llm-compressor's ``static_minmax``, ModelOpt's ``MaxCalibrator``), run the rank's
+samples through the layer one at a time (batch 1), store the layer's **unquantized** outputs as the next
+layer's inputs (what both producers do, formats.md §4), free the layer.  Then one all-reduce MAX of the
+layer's amax vector over the ranks (fp32: exact for BF16 values; gloo has no BF16 MAX).
+
+Ranks split the samples (contiguous, balanced by tokens); since max is exact and order-free, the table
+is the same bits for any world size.
+
+Resume (spilled runs): after each layer every rank records ``state-rank{r}.json`` in ``work_dir`` (layer,
+which spill file holds its outputs, the amax so far, tokens' sha256, world size).  A re-run whose ranks all
+find the same layer with the same tokens and world size continues after it; the spill files are
+ping-pong, so the finished layer's outputs are intact whatever a kill interrupted.
+
+Memory per rank: one decoder layer (BF16) + the embedding + one sample's activations on ``device``; the
+rank's hidden states on the host (``store.HiddenStore``: within ``host_budget_bytes``, else spilled).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..dist import all_gather_object, is_dist, rank_and_world
+from ..errors import CheckpointError
+from ..report import MemoryMonitor
+from .data import CalibrationTokens
+from .skeleton import Skeleton
+from .store import HiddenStore
+
+
+@dataclass
+class CalibrationResult:
+    """What calibration measured: ``amax[module] = max |x|`` of its input (a BF16 value, as a float)."""
+
+    amax: dict[str, float]
+    tokens_sha256: str
+    samples: int
+    tokens: int
+    seq_len: int
+    moe_all_experts: bool
+    attn_implementation: str = "eager"
+    spilled: bool = False
+    resumed_layers: int = 0   # layers taken from an interrupted run's resume point
+    seconds: float = 0.0
+    layers: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def calibrate_activations(
+    checkpoint: str | Path,
+    tokens: CalibrationTokens,
+    targets: set[str],
+    *,
+    process_group: dist.ProcessGroup | None = None,
+    device: str | torch.device = "cpu",
+    host_budget_bytes: int = 32 << 30,
+    work_dir: str | Path | None = None,
+    moe_all_experts: bool = True,
+    attn_implementation: str = "eager",
+    progress: bool = False,
+) -> CalibrationResult:
+    """Measure the input amax of every module in ``targets`` (checkpoint module names, e.g.
+    ``model.layers.0.self_attn.q_proj``) over ``tokens``.  Called on every rank of ``process_group``."""
+    rank, world = rank_and_world(process_group)
+    dev = torch.device(device)
+    t0 = time.perf_counter()
+    sk = Skeleton(checkpoint, dev, process_group, attn_implementation)
+    # Before any compute: every target must be an nn.Linear of some layer (names from the meta model).
+    covered = set().union(*(sk.linear_names(i) for i in range(sk.num_layers)))
+    _refuse_uncovered(targets - covered, checkpoint)
+    mine = tokens.shard(rank, world)
+    key = {"tokens_sha256": tokens.sha256, "world": world, "rank": rank, "attn": attn_implementation}
+    state = _read_state(work_dir, rank, key)
+    # Resume only where every rank stands at the same finished layer.
+    first = {s["layer"] if s else None for s in all_gather_object(state, process_group)}
+    state = state if len(first) == 1 and None not in first else None
+    store = HiddenStore([int(tokens.samples[j].numel()) for j in mine], sk.hidden_size,
+                        budget_bytes=host_budget_bytes, work_dir=work_dir, pin=dev.type == "cuda", tag=f"rank{rank}",
+                        resume_src=state["src"] if state else None)
+    state = state if all_gather_object(store.resumed or not state, process_group).count(True) == world else None
+    amax: dict[str, float] = dict(state["amax"]) if state else {}
+    start = state["layer"] + 1 if state else 0
+    if start == 0:
+        with torch.no_grad():
+            for k, j in enumerate(mine):
+                store.write(k, sk.embed(tokens.samples[j]))
+            store.advance()
+    elif progress and rank == 0:
+        print(f"calibrate: resuming after layer {start}/{sk.num_layers} (hidden states from {work_dir})", flush=True)
+    layers: list[dict[str, Any]] = list(state.get("layers", [])) if state else []
+    for i in range(start, sk.num_layers):
+        stats = _run_layer(sk, i, store, targets, amax, process_group, dev)
+        layers.append(stats)
+        if store.spilled:
+            store.sync()
+            _write_state(work_dir, rank, {**key, "layer": i, "src": store.src_index, "amax": amax, "layers": layers})
+        if progress and rank == 0:
+            print(_line(stats, sk.num_layers, tokens.num_tokens), flush=True)
+    store.close()  # only after success: a failed run keeps its spill files and state for the resume
+    if work_dir is not None:
+        Path(work_dir, f"state-rank{rank}.json").unlink(missing_ok=True)
+    _refuse_uncovered(targets - set(amax), checkpoint)
+    return CalibrationResult(amax=dict(sorted(amax.items())), tokens_sha256=tokens.sha256,
+                             samples=len(tokens.samples), tokens=tokens.num_tokens, seq_len=tokens.seq_len,
+                             moe_all_experts=moe_all_experts, attn_implementation=attn_implementation, spilled=store.spilled,
+                             resumed_layers=start,
+                             seconds=time.perf_counter() - t0, layers=layers)
+
+
+def _read_state(work_dir, rank: int, key: dict) -> dict | None:
+    if work_dir is None:
+        return None
+    try:
+        s = json.loads(Path(work_dir, f"state-rank{rank}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return s if all(s.get(k) == v for k, v in key.items()) else None
+
+
+def _write_state(work_dir, rank: int, state: dict) -> None:
+    p = Path(work_dir, f"state-rank{rank}.json")
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, p)
+
+
+def _refuse_uncovered(missing: set[str], checkpoint) -> None:
+    if missing:
+        m = sorted(missing)
+        raise CheckpointError(f"{len(m)} quantized Linear(s) would get no activation scale (examples={m[:3]})",
+                              file=str(checkpoint), tensor=m[0],
+                              expected="every NVFP4 Linear an nn.Linear of the transformers model (fused MoE "
+                              "experts are not calibrated yet)",
+                              fix="convert without calibration for weight-only NVFP4A16, or add the modules to "
+                              "output.ignore; docs/calibration.md lists the supported families")
+
+
+def _run_layer(sk: Skeleton, i: int, store: HiddenStore, targets: set[str], amax: dict[str, float],
+               group, dev: torch.device) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    with MemoryMonitor(dev if dev.type == "cuda" else None) as mem:
+        layer = sk.fill_layer(i)
+        t_fill = time.perf_counter() - t0
+        linears = {n: m for n, m in sk.linear_names(i).items() if n in targets}
+        names = sorted(linears)
+        running = torch.zeros(len(names), dtype=torch.bfloat16, device=dev)
+        hooks = [linears[n].register_forward_pre_hook(_hook(running, k)) for k, n in enumerate(names)]
+        try:
+            for j in range(len(store)):
+                x = store.read(j).to(dev, non_blocking=True)
+                out = layer(x[None], **sk.layer_kwargs(x.shape[0]))
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                store.write(j, out[0])
+        finally:
+            for h in hooks:
+                h.remove()
+        store.advance()
+        sk.free_layer(i)
+        red = running.float()  # BF16 values are exact in fp32; gloo cannot reduce BF16 with MAX
+        if is_dist(group):
+            on = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+            red = red.to(on)
+            dist.all_reduce(red, op=dist.ReduceOp.MAX, group=group)
+        vals = red.cpu().tolist()
+    for n, v in zip(names, vals):
+        amax[n] = v
+    return {"layer": i, "linears": len(names), "seconds": time.perf_counter() - t0, "fill_s": t_fill,
+            "amax_min": min(vals) if vals else None, "amax_max": max(vals) if vals else None,
+            "peak_host_bytes": mem.peak_host, "peak_gpu_bytes": mem.peak_gpu if dev.type == "cuda" else None}
+
+
+def _hook(running: torch.Tensor, k: int):
+    def pre(_mod, args):
+        x = args[0]
+        running[k] = torch.maximum(running[k], x.detach().abs().amax().to(running.dtype))
+
+    return pre
+
+
+def _line(s: dict[str, Any], n: int, tokens: int) -> str:
+    gpu = f", GPU peak {s['peak_gpu_bytes'] / 2**30:.2f} GiB" if s["peak_gpu_bytes"] is not None else ""
+    rng = f"amax {s['amax_min']:.4g}..{s['amax_max']:.4g}" if s["linears"] else "no quantized Linear"
+    return (f"calibrate layer {s['layer'] + 1}/{n}: {s['linears']} Linear(s), {rng}, {s['seconds']:.2f} s "
+            f"({tokens / max(s['seconds'], 1e-9):,.0f} tok/s), host peak {s['peak_host_bytes'] / 2**30:.2f} GiB{gpu}")

@@ -1,0 +1,43 @@
+"""W4A4 checks for ``verify_checkpoint``: every NVFP4 Linear has an input scale, finite and positive, and
+the members of an input-sharing group (q/k/v, gate/up, q_a/kv_a, w1/w3) carry the same one (vLLM merges
+them and takes the max, warning when they differ)."""
+
+from __future__ import annotations
+
+import math
+
+from .scales import INPUT_SHARING
+
+SUFFIX = {"compressed-tensors": ".input_global_scale", "modelopt": ".input_scale"}
+
+
+def is_w4a4(config: dict, fmt: str | None) -> bool:
+    qc = config.get("quantization_config") or {}
+    if fmt == "compressed-tensors":
+        return any(g.get("input_activations") for g in (qc.get("config_groups") or {}).values())
+    return fmt == "modelopt" and qc.get("quant_algo") == "NVFP4"
+
+
+def check_input_scales(modules: list[str], fmt: str, read) -> tuple[int, list[str]]:
+    """``modules``: the NVFP4 Linears; ``read(name) -> float | None`` reads a 1-element tensor of the
+    output (None when absent).  Returns (scales checked, problems)."""
+    problems: list[str] = []
+    value: dict[str, float] = {}
+    for mod in modules:
+        v = read(mod + SUFFIX[fmt])
+        if v is None:
+            problems.append(f"{mod}: no {SUFFIX[fmt][1:]}")
+        elif not math.isfinite(v) or v <= 0:
+            problems.append(f"{mod}: {SUFFIX[fmt][1:]} = {v} (must be finite and > 0)")
+        else:
+            value[mod] = v
+    groups: dict[tuple, dict[str, float]] = {}
+    for mod, v in value.items():
+        parent, _, leaf = mod.rpartition(".")
+        for gi, members in enumerate(INPUT_SHARING):
+            if leaf in members:
+                groups.setdefault((parent, gi), {})[leaf] = v
+    for (parent, _), vals in sorted(groups.items()):
+        if len(set(vals.values())) > 1:
+            problems.append(f"{parent} {sorted(vals)}: input scales differ {vals} (one input, one scale)")
+    return len(value), problems

@@ -1,0 +1,97 @@
+"""The per-layer engine against a whole-model BF16 forward with hooks (what both producers measure)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from calib_fixtures import whole_model_amax
+from streaming_adapters.calibrate.data import CalibrationTokens
+from streaming_adapters.calibrate.engine import calibrate_activations
+from streaming_adapters.checkpoint.index import CheckpointIndex
+from streaming_adapters.convert.plan import make_plan
+from streaming_adapters.errors import CheckpointError
+from streaming_adapters.formats import get_adapter
+
+
+def targets_of(path) -> set[str]:
+    index = CheckpointIndex.open(path)
+    plan = make_plan(index, get_adapter(path, index=index), "nvfp4", None, 1)
+    return {n[: -len(".weight")] for n, q in plan.nvfp4.items() if q}
+
+
+def tokens(n=4, seed=0) -> CalibrationTokens:
+    g = torch.Generator().manual_seed(seed)
+    return CalibrationTokens([torch.randint(3, 1001, (int(torch.randint(5, 40, (1,), generator=g)),), generator=g)
+                              for _ in range(n)], "test", 64)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+def test_layer_by_layer_equals_whole_model(checkpoints, family):
+    path = checkpoints(family, "fp8_block")
+    toks = tokens()
+    targets = targets_of(path)
+    got = calibrate_activations(path, toks, targets)
+    want = whole_model_amax(path, toks)
+    assert set(got.amax) == targets and len(targets) == 6 * 3  # q k v o gate up (down: K=200 % 16 != 0)
+    for name in targets:
+        assert got.amax[name] == want[name], name
+        assert got.amax[name] > 0
+    assert got.tokens_sha256 == toks.sha256 and len(got.layers) == 3
+    assert got.amax["model.layers.1.self_attn.q_proj"] == got.amax["model.layers.1.self_attn.v_proj"]
+
+
+def test_spill_to_disk_gives_the_same_table(checkpoints, tmp_path):
+    path = checkpoints("llama", "fp8_block")
+    toks = tokens(3, seed=5)
+    targets = targets_of(path)
+    mem = calibrate_activations(path, toks, targets)
+    disk = calibrate_activations(path, toks, targets, host_budget_bytes=0, work_dir=tmp_path / "w")
+    assert disk.spilled and not mem.spilled
+    assert disk.amax == mem.amax
+    assert list((tmp_path / "w").iterdir()) == []  # spill files removed at the end
+
+
+def test_unmatched_target_is_an_error(checkpoints):
+    path = checkpoints("llama", "fp8_block")
+    with pytest.raises(CheckpointError, match="would get no activation scale"):
+        calibrate_activations(path, tokens(1), targets_of(path) | {"model.layers.0.mlp.nope"})
+
+
+def test_fused_moe_experts_are_refused_before_any_compute(checkpoints):
+    path = checkpoints("qwen3_moe", "fp8_block")
+    with pytest.raises(CheckpointError, match="would get no activation scale") as e:
+        calibrate_activations(path, tokens(1), targets_of(path))
+    assert ".experts." in e.value.tensor and "output.ignore" in e.value.fix
+
+
+def test_sigkill_mid_calibration_resumes_at_the_last_finished_layer(checkpoints, tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    path = checkpoints("llama", "fp8_block", num_hidden_layers=6)
+    want = calibrate_activations(path, tokens(12, seed=9), targets_of(path))
+    work = tmp_path / "work"
+    here = Path(__file__).parent
+    proc = subprocess.Popen([sys.executable, str(here / "calib_kill_body.py"), str(path), str(work)],
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(here), *sys.path])})
+    state, layer, deadline = work / "state-rank0.json", -1, time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        try:
+            layer = json.loads(state.read_text())["layer"]
+        except (OSError, ValueError, KeyError):
+            layer = -1
+        if layer >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert proc.wait(60) == -signal.SIGKILL, "the run ended before it could be killed"
+    got = calibrate_activations(path, tokens(12, seed=9), targets_of(path), host_budget_bytes=0, work_dir=work)
+    assert got.resumed_layers >= 3 and got.spilled
+    assert got.amax == want.amax
+    assert list(work.iterdir()) == []  # spill files and state removed after success
