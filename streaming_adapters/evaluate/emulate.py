@@ -43,16 +43,19 @@ class InputScales:
 
         self.checkpoint = Path(checkpoint)
         self.scales: dict[str, torch.Tensor] = {}
+        found: dict[str, torch.Tensor] = {}
         for f in sorted(self.checkpoint.glob("*.safetensors")):
             with safe_open(str(f), framework="pt") as fh:
                 for key in fh.keys():
-                    if key.endswith(".input_global_scale"):  # compressed-tensors: gs itself
-                        self.scales[key[: -len(".input_global_scale")]] = fh.get_tensor(key).float().reshape(1)
-                    elif key.endswith(".input_scale") and fh.get_slice(key).get_dtype() in ("F32", "BF16", "F16"):
-                        # ModelOpt: amax / 2688; vLLM runs gs = 1 / input_scale (fp32 reciprocal).
-                        s = fh.get_tensor(key).float().reshape(1)
-                        if fh.get_slice(key.replace(".input_scale", ".weight")).get_dtype() == "U8":
-                            self.scales[key[: -len(".input_scale")]] = 1.0 / s
+                    if key.endswith((".input_global_scale", ".input_scale", ".weight_scale_2")):
+                        found[key] = fh.get_tensor(key).float().reshape(1)
+        for key, v in found.items():
+            if key.endswith(".input_global_scale"):  # compressed-tensors: gs itself
+                self.scales[key[: -len(".input_global_scale")]] = v
+            elif key.endswith(".input_scale") and key[: -len("input_scale")] + "weight_scale_2" in found:
+                # ModelOpt NVFP4 (weight_scale_2 marks it; an FP8 ModelOpt input_scale is not ours):
+                # input_scale = amax / 2688, and vLLM runs gs = 1 / input_scale (fp32 reciprocal).
+                self.scales[key[: -len(".input_scale")]] = 1.0 / v
 
     def __len__(self) -> int:
         return len(self.scales)
