@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     layout = Layout(cfg.parallel.tp, cfg.parallel.dp_shard, cfg.parallel.pp, cfg.parallel.ep)
     rank, world = _init_distributed(cfg.device)
-    if cfg.task not in ("benchmark", "plan") and not cfg.dry_run and layout.world_size != world:
+    if cfg.task not in ("benchmark", "plan", "evaluate") and not cfg.dry_run and layout.world_size != world:
         raise SystemExit(
             f"error: parallel.tp x dp_shard x pp x ep = {cfg.parallel.tp} x {cfg.parallel.dp_shard} x "
             f"{cfg.parallel.pp} x {cfg.parallel.ep} = {layout.world_size}, but the world size is {world}. "

@@ -116,3 +116,21 @@ def test_text_file_is_cut_into_rows(checkpoints, tmp_path):
     ids = [1] + [3 + (i * 37) % 990 for i in range(50)]
     direct = sa.evaluate(path, [torch.tensor(ids[k:k + 16]) for k in range(0, 51, 16)])
     assert direct["nll"] == r["nll"]
+
+
+def test_recipe_writes_table_report_and_plot(checkpoints, tmp_path):
+    from launch import entry
+    from safetensors.torch import save_file
+
+    src = checkpoints("llama", "fp8_block")
+    ids = torch.stack([r[:8] for r in rows(3, seed=5, lo=8)])
+    save_file({"input_ids": ids}, str(tmp_path / "ids.safetensors"))
+    out = tmp_path / "ev"
+    p = entry(["--config-name", "evaluate", f"checkpoint.path={src}", f"evaluate.data={tmp_path / 'ids.safetensors'}",
+               f"evaluate.reference={src}", f"evaluate.out_dir={out}", f"report.path={tmp_path / 'r.json'}"])
+    assert "top-1 agreement 100.00%" in p.stdout and "evaluate layer 3/3" in p.stdout, p.stdout[-2000:]
+    r = json.loads((out / "report.json").read_text())
+    assert r["rows"] == 3 and r["tokens"] == 21 and r["kl"] == 0.0
+    assert r["nll"] == sa.evaluate(src, list(ids))["nll"]
+    assert (out / "layers.svg").read_text().startswith("<svg")
+    assert json.loads((tmp_path / "r.json").read_text())["perplexity"] == r["perplexity"]
