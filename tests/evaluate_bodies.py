@@ -8,4 +8,4 @@ def evaluate_rows(path: str, reference: str | None, emulate: bool, n: int, seed:
     from test_evaluate import rows
 
     r = sa.evaluate(path, rows(n, seed=seed), reference=reference, emulate_activations=emulate, out_dir=out_dir)
-    return {k: v for k, v in r.items() if k not in ("seconds", "world")}
+    return {k: v for k, v in r.items() if k not in ("seconds", "world", "layer_seconds")}

@@ -166,6 +166,7 @@ def evaluate(
                              f"ref-rank{rank}", False))
     m = models[0]
     n_layers = m.sk.num_layers
+    layer_seconds: list[float] = []  # this rank's wall time per decoder layer (fill + forward, both models)
     rows: list[dict[str, Any]] = [{"row": j, "positions": float(n), "hidden": []} for j, n in zip(mine, lengths)]
     try:
         with torch.no_grad():
@@ -180,8 +181,9 @@ def evaluate(
             if reference is not None:
                 for k in range(len(mine)):
                     rows[k]["hidden"].append(row_hidden_stats(models[0].store.read(k), models[1].store.read(k)))
+            layer_seconds.append(time.perf_counter() - tl)
             if progress and rank == 0:
-                print(f"evaluate layer {i + 1}/{n_layers}: {time.perf_counter() - tl:.2f} s", flush=True)
+                print(f"evaluate layer {i + 1}/{n_layers}: {layer_seconds[-1]:.2f} s", flush=True)
         for mod in models:
             mod.fill_head()
         logits = {}
@@ -201,7 +203,7 @@ def evaluate(
     report = {"checkpoint": str(checkpoint), "reference": str(reference) if reference is not None else None,
               "emulate_activations": emulate_activations, "tokens_sha256": toks.sha256, "seq_len": toks.seq_len,
               "world": world, "spilled": spilled, **reduce_rows(everyone, n_layers),
-              "seconds": time.perf_counter() - t0}
+              "seconds": time.perf_counter() - t0, "layer_seconds": layer_seconds}
     if rank == 0:
         if out_dir is not None:
             write_outputs(report, out_dir)
