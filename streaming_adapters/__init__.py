@@ -24,6 +24,7 @@ from .convert import ConvertReport, convert_checkpoint
 from .convert.verify import VerifyReport, verify_checkpoint
 from .reader import StreamingFP8StorageReader
 from .report import LoadReport
+from . import evaluate  # noqa: E402  (a callable module: sa.evaluate(checkpoint, tokens, ...))
 
 from ._version import __version__  # noqa: F401  (streaming_adapters.__version__)
 
@@ -44,4 +45,5 @@ __all__ = [
     "ConvertReport",
     "verify_checkpoint",
     "VerifyReport",
+    "evaluate",
 ]

@@ -13,8 +13,9 @@ from typing import Any, Optional
 
 from .errors import CheckpointError
 from .calibrate.config import CalibrationConfig
+from .evaluate.config import EvaluateConfig
 
-TASKS = ("load_check", "dequantize_bf16", "fp8_to_nvfp4", "benchmark", "plan")
+TASKS = ("load_check", "dequantize_bf16", "fp8_to_nvfp4", "benchmark", "plan", "evaluate")
 DEVICES = ("cpu", "cuda")
 
 
@@ -116,7 +117,7 @@ class BenchmarkConfig:
 @dataclass
 class RunConfig:
     task: str = "load_check"
-    """What to run: load_check, dequantize_bf16, fp8_to_nvfp4, benchmark, plan."""
+    """What to run: load_check, dequantize_bf16, fp8_to_nvfp4, benchmark, plan, evaluate."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -124,6 +125,7 @@ class RunConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     device: str = "cpu"
     """cpu or cuda (each rank uses cuda:LOCAL_RANK)."""
     dry_run: bool = False
@@ -159,7 +161,7 @@ def _dataclass_of(tp) -> type | None:
     name = tp if isinstance(tp, str) else getattr(tp, "__name__", "")
     name = name.replace("Optional[", "").rstrip("]")
     return {c.__name__: c for c in (FabricateConfig, CheckpointConfig, OutputConfig, ParallelConfig, IOConfig,
-                                    ReportConfig, BenchmarkConfig, CalibrationConfig)}.get(name)
+                                    ReportConfig, BenchmarkConfig, CalibrationConfig, EvaluateConfig)}.get(name)
 
 
 def _attribute_docs(cls) -> dict[str, str]:

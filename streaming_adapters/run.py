@@ -268,7 +268,8 @@ def _main(argv: list[str] | None) -> int:
     layout = Layout(cfg.parallel.tp, cfg.parallel.dp_shard, cfg.parallel.pp, cfg.parallel.ep)
     rank, world = _init_distributed(cfg.device, headers_only)
     _STATE.update(rank=rank, world=world)
-    if cfg.task not in ("benchmark", "plan") and not cfg.dry_run and layout.world_size != world:
+    # benchmark and plan launch or model their own ranks; evaluate splits rows over whatever ranks there are
+    if cfg.task not in ("benchmark", "plan", "evaluate") and not cfg.dry_run and layout.world_size != world:
         from .config import ConfigError
 
         raise ConfigError(

@@ -94,6 +94,10 @@ def run_task(cfg, layout: Layout) -> dict[str, Any]:
         from .bench.harness import run_benchmark
 
         return run_benchmark(cfg)
+    if cfg.task == "evaluate":  # rows split over every rank; no load plan (docs/evaluate.md)
+        from .evaluate.task import run_evaluate
+
+        return run_evaluate(cfg)
     error, pf = None, None
     try:
         pf = preflight(cfg, layout)

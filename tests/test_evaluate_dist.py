@@ -1,0 +1,31 @@
+"""evaluate on 2 gloo ranks (rows split): every number equal to world 1's, bit for bit.
+
+Why exact, not within a tolerance: a row's sums depend only on the row (batch 1), and every rank adds the
+gathered per-row sums in row order (evaluate/metrics.py), so no reduction order depends on the world size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import evaluate_bodies as B
+from streaming_adapters.testing.dist_pool import ProcessGroupPool
+
+pytestmark = pytest.mark.dist
+
+
+def test_world_2_equals_world_1(checkpoints, tmp_path):
+    # Two differently seeded fixtures of one shape: non-zero KL and per-layer error, no conversion to wait for
+    # (the emulation hooks are per row too; tests/test_evaluate_emulate.py checks them).
+    q, ref = str(checkpoints("llama", "fp8_block")), str(checkpoints("llama", "fp8_block", seed=1))
+    one = B.evaluate_rows(q, ref, False, 5, 7, None)
+    pool = ProcessGroupPool(2)
+    try:
+        two = pool.run(B.evaluate_rows, q, ref, False, 5, 7, str(tmp_path / "out"))
+    finally:
+        pool.close()
+    assert two[0] == two[1] == one
+    assert one["rows"] == 5 and one["kl"] > 0 and len(one["layers"]) == 3
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())  # rank 0 wrote it
+    assert saved["world"] == 2 and saved["kl"] == one["kl"] and saved["layers"] == one["layers"]
