@@ -94,3 +94,9 @@ def test_layout_table_runs(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     # The README's row: Llama-3.1-70B at TP=8 holds a 16.1 GiB BF16 shard per GPU.
     assert "| Llama-3.1-70B (FP8 block) | 70 GB | tp=8 dp=1 ep=1 (8) | 16.1 GiB |" in p.stdout, p.stdout
+
+
+@pytest.mark.parametrize("c", [c for c in COMMANDS if c.kind == "python_code" and c.words], ids=_id)
+def test_python_snippets_compile(c):
+    """``python -c "..."`` lines of the docs are valid Python as written (the recipe commands after them run)."""
+    compile(c.words[0], c.where, "exec")

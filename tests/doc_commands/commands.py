@@ -144,6 +144,8 @@ def _one(where: str, text: str, t: list[str], env: dict[str, str]) -> Command:
         c.kind = "shell"
     elif head == "pip":
         c.kind = "pip"
+    elif head in ("python", "python3") and t[1:2] == ["-c"]:
+        c.kind, c.words = "python_code", t[2:3]  # the snippet: compiled by the tests
     elif head in ("python", "python3") and t[1:3] == ["-m", "pytest"]:
         c.kind = "self"
     elif head == "torchrun" and "nemo_automodel" in " ".join(t):
