@@ -138,7 +138,8 @@ def test_two_spellings_of_one_shard_are_one_file(converted, tmp_path):
     assert _tensors(out) == _tensors(want)
 
 
-@pytest.mark.parametrize("bad", ["/abs/f.safetensors", "../f.safetensors", "a/../../f.safetensors", "", "a\\b"])
+# An empty name is refused earlier, as a damaged index (test_untrusted_headers.test_empty_weight_map_entry).
+@pytest.mark.parametrize("bad", ["/abs/f.safetensors", "../f.safetensors", "a/../../f.safetensors", "a\\b"])
 def test_bad_names_are_refused_by_name(checkpoints, tmp_path, bad):
     ck = _copy(checkpoints("llama", "fp8_block"), tmp_path / "ck")
     index = json.loads((ck / INDEX).read_text())
