@@ -152,7 +152,11 @@ def _fail(e: BaseException) -> int:
     from .errors import CheckpointError
 
     if _STATE["signal"] is not None or isinstance(e, KeyboardInterrupt):
-        # An interrupt may surface as another exception (a collective whose peer already stopped).
+        # An interrupt may surface as another exception (a collective whose peer already stopped).  Inside a
+        # conversion the engine's own handler took the signal (to record the finished steps): its message
+        # names it.
+        if _STATE["signal"] is None and str(e).startswith("SIGTERM"):
+            _STATE["signal"] = "SIGTERM"
         if _STATE["verbose"]:
             traceback.print_exception(e)
         print(_interrupted_line(), file=sys.stderr, flush=True)

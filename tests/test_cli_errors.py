@@ -114,7 +114,7 @@ def test_unwritable_output_is_one_message(checkpoints, tmp_path, cli):
     (tmp_path / "a_file").write_text("not a folder\n")
     p = entry(["--config-name", "dequantize_bf16", f"checkpoint.path={ck}",
                f"output.path={tmp_path / 'a_file' / 'out'}"], check=False)
-    one_message(p, "NotADirectoryError", "a_file", "what to do: check that the folder exists, is writable")
+    one_message(p, "OutputWriteError", "a_file", "what to do: a file is in the way of the output folder")
     p = cli(["--config-name", "load_check", f"checkpoint.path={ck}", "report.path=/proc/no/report.json"],
             check=False)
     one_message(p, "/proc/no", "what to do")

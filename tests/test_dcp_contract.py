@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -33,6 +34,7 @@ import streaming_adapters as sa
 from helpers import assert_bit_equal, poisoned_like
 from reference import reference_state_dict
 from streaming_adapters.checkpoint.index import CheckpointIndex, ShardedTensorInfo
+from streaming_adapters.checkpoint.coverage import IncompleteCheckpointError
 from streaming_adapters.errors import (
     CheckpointError,
     CorruptCheckpointError,
@@ -230,12 +232,20 @@ def test_missing_shard_file_and_whole_tensor_readers(saved, tmp_path):
         CheckpointIndex.open(broken)  # conversion & co. read tensors whole: told how to consolidate
     assert "consolidate" in e.value.fix
     # The last rank's file gone: the pieces' bounding box (all the headers say about the full shape, for
-    # torch's reader too) shrinks to 19 rows; the destination's shape is what catches it.
+    # torch's reader too) shrinks to 19 rows; the file names' numbered series (shard-00002-model-0000k-of-
+    # 00002) says one is missing before anything is read.
     last = next(f for f in sorted(broken.glob("shard-00002-*")) if "tok_embeddings.weight" in _header(f))
     shutil.move(last, tmp_path / last.name)
     sd = {"tok_embeddings.weight": torch.zeros(37, 16, dtype=torch.bfloat16)}
-    with pytest.raises(DestinationError, match=r"destination shape \[37, 16\] differs .* \[19, 16\]"):
+    with pytest.raises(IncompleteCheckpointError, match=re.escape(last.name)):
         sa.load_fp8_state_dict(sd, broken)
+    # Without the series (a lone file per rank), the destination's shape is what catches it.
+    lone = broken.parent / "lone"
+    shutil.copytree(broken, lone)
+    for f in sorted(lone.glob("shard-00002-*")):
+        f.rename(lone / (f.stem + "-x.safetensors"))  # out of the numbered series
+    with pytest.raises(DestinationError, match=r"destination shape \[37, 16\] differs .* \[19, 16\]"):
+        sa.load_fp8_state_dict(sd, lone)
     # The first rank's file gone instead: a gap at rows 0..18, found from the headers.
     shutil.move(tmp_path / last.name, last)
     next(f for f in sorted(broken.glob("shard-00001-*")) if "tok_embeddings.weight" in _header(f)).unlink()

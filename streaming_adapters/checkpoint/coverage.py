@@ -6,7 +6,8 @@ checkpoint "successfully".  Two checks catch it from names alone:
 
 * the config's ``num_hidden_layers`` (or ``text_config``'s) says layers 0..N-1 exist: every one must have
   at least one tensor (``...layers.<i>.``; extra ones such as DeepSeek's MTP layer N are allowed);
-* files named ``model-0000k-of-0000n.safetensors`` must be all n of them.
+* files named ``model-0000k-of-0000n.safetensors`` must be all n of them (without an index: with one, the
+  index names the files and each must exist).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import re
 
 from ..errors import CheckpointError
-from .index import CheckpointIndex
+from .index import INDEX_NAME, CheckpointIndex
 
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 SHARD = re.compile(r"^(?P<stem>.*?)-(?P<k>\d{5})-of-(?P<n>\d{5})\.safetensors$")
@@ -62,7 +63,10 @@ def missing_layers(index: CheckpointIndex) -> tuple[int | None, list[int]]:
 
 def check_coverage(index: CheckpointIndex) -> None:
     """Raise :class:`IncompleteCheckpointError` naming what is missing (shard files first: the likely cause)."""
-    files = missing_shard_files(sorted(index.file_sizes))
+    # With an index, the index names the files (each checked to exist by CheckpointIndex.open); a series
+    # gap then means the index chose other names, not a lost download.
+    indexed = (index.path / INDEX_NAME).is_file()
+    files = [] if indexed else missing_shard_files(sorted(index.file_sizes))
     if files:
         shown = ", ".join(files[:5]) + (" ..." if len(files) > 5 else "")
         raise IncompleteCheckpointError(

@@ -16,22 +16,49 @@ by a worker compare with the parent's sample times.  RssAnon excludes page-cache
 from __future__ import annotations
 
 import bisect
-import threading
+import os
 import time
 
 
 from ..report import rss_anon_of  # noqa: E402,F401  (re-exported: tests import it from here)
 
 
+_SAMPLER = r"""
+import signal, sys, time
+pids, interval, out = [int(p) for p in sys.argv[1].split(",")], float(sys.argv[2]), sys.argv[3]
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+rows = []
+def sample():
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        rows.append(f"{pid} {time.monotonic()!r} {int(line.split()[1]) * 1024}")
+                        break
+        except OSError:
+            pass
+print("ready", flush=True)
+while not stop:
+    sample()
+    time.sleep(interval)
+sample()
+open(out, "w").write("\n".join(rows))
+"""
+
+
 class RssSampler:
-    """A thread that reads every pid's RssAnon every ``interval_s``; ``samples[pid]`` = [(t, bytes)]."""
+    """Reads every pid's RssAnon every ``interval_s`` from a separate sampler *process* (a thread of the
+    test process can be starved for seconds by whatever else holds its GIL, and then sees nothing of a
+    short peak); ``samples[pid]`` = [(t, bytes)], filled when the ``with`` block ends."""
 
     def __init__(self, pids: list[int], interval_s: float = 0.002) -> None:
         self.pids = list(pids)
         self.interval_s = interval_s
         self.samples: dict[int, list[tuple[float, int]]] = {p: [] for p in self.pids}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._proc = None
+        self._out = None
 
     def _sample(self) -> None:
         for pid in self.pids:
@@ -39,19 +66,34 @@ class RssSampler:
             if v is not None:
                 self.samples[pid].append((time.monotonic(), v))
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            time.sleep(self.interval_s)
-
     def __enter__(self) -> "RssSampler":
-        self._thread.start()
+        import subprocess
+        import sys
+        import tempfile
+
+        self._sample()  # a baseline sample at entry, whatever the sampler process does
+        fd, self._out = tempfile.mkstemp(prefix="rss-samples-")
+        os.close(fd)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _SAMPLER, ",".join(map(str, self.pids)), repr(self.interval_s), self._out],
+            stdout=subprocess.PIPE, text=True)
+        self._proc.stdout.readline()  # "ready": sampling has begun
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        import signal
+
+        self._proc.send_signal(signal.SIGTERM)
+        self._proc.wait(timeout=60)
+        self._proc.stdout.close()
+        with open(self._out) as f:
+            for line in f.read().splitlines():
+                pid, t, v = line.split()
+                self.samples[int(pid)].append((float(t), int(v)))
+        os.unlink(self._out)
         self._sample()
+        for s in self.samples.values():
+            s.sort()
 
     def window(self, pid: int, t0: float, t1: float) -> list[int]:
         s = self.samples[pid]
