@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -309,30 +310,31 @@ def test_memory_follows_the_step_not_the_tensor(tmp_path):
 
     src = _one_big_weight(tmp_path / "src", 4096, 4096)  # 32 MiB of BF16
     tiny = _one_big_weight(tmp_path / "tiny", 128, 256)  # warms up the code path, not the buffers
+    # A fresh interpreter per measurement, not a fork of the test process: a fork inherits that process's
+    # freed-but-resident heap (after a few hundred tests, hundreds of MiB), reuses it and shows no growth.
+    script = (
+        "import sys\n"
+        "from streaming_adapters.convert import convert_checkpoint\n"
+        "tiny, src, out, step = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])\n"
+        "convert_checkpoint(tiny, out + '-warm', target='nvfp4', step_bytes=step, progress=False)\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "convert_checkpoint(src, out, target='nvfp4', step_bytes=step, progress=False)\n"
+    )
     peaks = {}
     for step in (64 << 20, 1 << 20):
-        go_r, go_w = os.pipe()
-        ready_r, ready_w = os.pipe()
-
-        def body(step=step):
-            # Warm-up on a tiny weight (imports, lazy tables), so that the measured growth is the working set.
-            convert_checkpoint(tiny, tmp_path / f"warm{step}", target="nvfp4", step_bytes=step, progress=False)
-            os.write(ready_w, b"r")
-            os.read(go_r, 1)
-            convert_checkpoint(src, tmp_path / f"out{step}", target="nvfp4", step_bytes=step, progress=False)
-
-        pid, r = _child(body, wait=False)
-        os.read(ready_r, 1)
-        with RssSampler([pid], interval_s=0.001) as rss:
+        proc = subprocess.Popen([sys.executable, "-c", script, str(tiny), str(src), str(tmp_path / f"out{step}"),
+                                 str(step)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.stdout.readline().strip() == "ready"
+        with RssSampler([proc.pid], interval_s=0.001) as rss:
             time.sleep(0.02)
             t0 = time.monotonic()
-            os.write(go_w, b"x")
-            code, msg = _reap(pid, r)
-        assert code == 0, msg
-        peaks[step] = rss.peak(pid, t0, time.monotonic()) - rss.at(pid, t0)
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+            assert proc.wait(timeout=300) == 0
+        peaks[step] = rss.peak(proc.pid, t0, time.monotonic()) - rss.at(proc.pid, t0)
         print(f"step {step >> 20} MiB: peak RssAnon growth {peaks[step] / 2**20:.1f} MiB")
-        for fd in (go_r, go_w, ready_r, ready_w):
-            os.close(fd)
     whole, blocked = peaks[64 << 20], peaks[1 << 20]
     assert whole > 32 << 20, peaks  # holding the tensor: its 32 MiB of BF16 and more
     assert blocked < whole / 2, peaks  # 1 MiB blocks + quantize temporaries + up to ~15 MiB of fixed scratch
