@@ -50,8 +50,9 @@ open(out, "w").write("\n".join(rows))
 
 class RssSampler:
     """Reads every pid's RssAnon every ``interval_s`` from a separate sampler *process* (a thread of the
-    test process can be starved for seconds by whatever else holds its GIL, and then sees nothing of a
-    short peak); ``samples[pid]`` = [(t, bytes)], filled when the ``with`` block ends."""
+    test process would share its GIL with whatever else runs there); ``samples[pid]`` = [(t, bytes)],
+    filled when the ``with`` block ends.  Measure fresh interpreters, not forks of the test process: a fork
+    reuses the parent's freed-but-resident heap and shows no growth."""
 
     def __init__(self, pids: list[int], interval_s: float = 0.002) -> None:
         self.pids = list(pids)
