@@ -110,8 +110,8 @@ def _is_int(x: Any) -> bool:
     return type(x) is int  # not bool: json gives True/False for true/false, and bool is an int subclass
 
 
-def parse_header(full: Path, size: int, itemsizes: Mapping[str, int]) -> tuple[int, list[tuple]]:
-    """``(data_start, [(name, dtype, shape, begin, end), ...])`` of the safetensors file ``full`` (``size``
+def parse_header(full: Path, size: int, itemsizes: Mapping[str, int]) -> tuple[int, list[tuple], dict[str, str]]:
+    """``(data_start, [(name, dtype, shape, begin, end), ...], __metadata__ or {})`` of the safetensors file ``full`` (``size``
     bytes), ``begin``/``end`` absolute byte offsets.  Raises :class:`CorruptCheckpointError` naming the file,
     the tensor where there is one, what was expected and what was found."""
 
@@ -184,7 +184,7 @@ def parse_header(full: Path, size: int, itemsizes: Mapping[str, int]) -> tuple[i
             )
         append((name, dtype, shape, data_start + begin, data_start + end))
     _check_coverage(out, data_start, data_len, corrupt)
-    return data_start, out
+    return data_start, out, meta or {}
 
 
 def _fast_entry(entry: Any, itemsizes: Mapping[str, int]) -> tuple | None:

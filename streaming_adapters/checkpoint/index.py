@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -147,8 +146,8 @@ class CheckpointIndex:
                     fix="re-download the checkpoint; the download is incomplete",
                 )
             sizes[rel] = full.stat().st_size
-            infos = _parse_header(full, rel, sizes[rel])
-            offsets = _dcp_sharding_info(full, infos)
+            infos, meta = _parse_header(full, rel, sizes[rel])
+            offsets = _dcp_sharding_info(full, infos, meta)
             for info in infos:
                 if weight_map is not None and weight_map.get(info.name, rel) != rel:
                     continue  # the index says this name lives elsewhere; trust the index, like transformers
@@ -289,10 +288,10 @@ def _first_key_for(weight_map: Mapping[str, str] | None, rel: str) -> str | None
     return next((k for k, v in weight_map.items() if v == rel), None)
 
 
-def _parse_header(full: Path, rel: str, size: int) -> list[TensorInfo]:
-    """The validated entries of one file's header (rules: :mod:`.header`)."""
-    _, entries = parse_header(full, size, _ITEMSIZES)
-    return [TensorInfo(name, rel, dtype, shape, begin, end) for name, dtype, shape, begin, end in entries]
+def _parse_header(full: Path, rel: str, size: int) -> tuple[list[TensorInfo], dict[str, str]]:
+    """The validated entries of one file's header (rules: :mod:`.header`) and its ``__metadata__``."""
+    _, entries, meta = parse_header(full, size, _ITEMSIZES)
+    return [TensorInfo(name, rel, dtype, shape, begin, end) for name, dtype, shape, begin, end in entries], meta
 
 
 # -- tensors in pieces (torch DCP distributed HF save) --------------------------------------------------
@@ -312,24 +311,17 @@ class ShardedTensorInfo(TensorInfo):
         return sum(p.nbytes for _, p in self.pieces)
 
 
-def _dcp_sharding_info(full: Path, infos: list[TensorInfo]) -> dict[str, tuple[int, ...]]:
-    """Name -> offsets in the full tensor, from ``__metadata__["DCP_SHARDING_INFO"]`` (a JSON string of
-    ``{name: {"saved_offsets": [...]}}``), or ``{}`` for a file without it.  The header is read a second
-    time only when its bytes name the key (files of other writers pay one substring search)."""
-    with open(full, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        raw = f.read(n)
-    if DCP_SHARDING_KEY.encode() not in raw:
-        return {}
-    meta = json.loads(raw).get("__metadata__")
-    text = meta.get(DCP_SHARDING_KEY) if isinstance(meta, dict) else None
+def _dcp_sharding_info(full: Path, infos: list[TensorInfo], meta: dict[str, str]) -> dict[str, tuple[int, ...]]:
+    """Name -> offsets in the full tensor, from the header's ``__metadata__["DCP_SHARDING_INFO"]`` (a JSON
+    string of ``{name: {"saved_offsets": [...]}}``, parsed with the header), or ``{}`` for a file without it."""
+    text = meta.get(DCP_SHARDING_KEY)
     if text is None:
         return {}
     shapes = {i.name: i.shape for i in infos}
     try:
         info = json.loads(text)
         out = {name: tuple(entry["saved_offsets"]) for name, entry in info.items() if name in shapes}
-    except (TypeError, KeyError, AttributeError, json.JSONDecodeError) as e:
+    except (TypeError, KeyError, AttributeError, RecursionError, json.JSONDecodeError) as e:
         raise CorruptCheckpointError(
             f"__metadata__.{DCP_SHARDING_KEY} is not a JSON map of saved_offsets ({e!r})", file=str(full),
             expected='{"<tensor>": {"saved_offsets": [int, ...]}, ...}',
