@@ -37,7 +37,7 @@ def compose(config_name: str, overrides: list[str], config_dir: str | None = Non
     """The validated config of a recipe plus overrides (raises ``SystemExit`` with the valid keys)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigKeyError, ValidationError
 
     from .config import schema_keys
@@ -53,6 +53,13 @@ def compose(config_name: str, overrides: list[str], config_dir: str | None = Non
     except MissingConfigException as e:
         raise SystemExit(f"error: no recipe named {config_name!r}: {e}\n"
                          f"recipes: {', '.join(list_recipes())}") from None
+    except OverrideParseException as e:
+        # Hydra's override grammar refuses some characters in bare values ('=' in a path, e.g.
+        # /data/run=1/ckpt); quoted, any value passes through as it is.
+        bad = next((o for o in overrides if "=" in o and o.count("=") > 1), overrides[0] if overrides else "")
+        key, _, value = bad.partition("=")
+        raise SystemExit(f"error: cannot read the override {bad!r} ({str(e).splitlines()[0]})\n"
+                         f"what to do: quote the value for Hydra, e.g. {key}=\"'{value}'\"") from None
     except (ConfigCompositionException, ConfigKeyError, ValidationError) as e:
         keys = [k for k, _, _ in schema_keys()]
         msg = str(e.__cause__ or e)

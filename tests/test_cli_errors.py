@@ -155,3 +155,15 @@ def test_incomplete_checkpoint_is_refused(checkpoints, tmp_path, cli):
     one_message(p, "decoder layer(s) 1 of 3 have no tensors", "num_hidden_layers=3", "model.layers.1.*")
     # The complete checkpoint passes.
     check_coverage(CheckpointIndex.open(src))
+
+
+def test_a_path_with_an_equals_sign_is_one_message_that_says_how_to_quote(checkpoints, tmp_path):
+    """Hydra's override grammar refuses a bare '=' in a value (/data/run=1/ckpt): one message, and its
+    suggested quoting loads the checkpoint."""
+    ck = tmp_path / "run=1" / "ck"
+    shutil.copytree(checkpoints("llama", "fp8_block"), ck)
+    p = entry(["--config-name", "plan", f"checkpoint.path={ck}"], check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
+    assert f"""quote the value for Hydra, e.g. checkpoint.path="'{ck}'\"""" in p.stderr, p.stderr
+    ok = entry(["--config-name", "plan", f"checkpoint.path='{ck}'"])
+    assert "DOES NOT FIT" not in ok.stdout and ok.returncode == 0
