@@ -113,11 +113,13 @@ def main() -> None:
     rows = []
     print(f"BF16 matmul {flops_rate / 1e12:.0f} TFLOP/s, disk {disk / 1e9:.2f} GB/s, H2D {h2d / 1e9:.1f} GB/s, "
           f"D2H {d2h / 1e9:.1f} GB/s; hidden states {'spilled' if res.spilled else 'in host memory'}")
-    print(f"{'layer':>5} {'seconds':>8} {'floor s':>8} {'ratio':>6} {'GPU peak GiB':>12} {'host peak GiB':>13}")
+    print(f"{'layer':>5} {'seconds':>8} {'floor s':>8} {'ratio':>6} {'GPU peak GiB':>12} {'host peak GiB':>13} "
+          f"{'+ hidden GiB':>12}")
     for L in res.layers:
         rows.append({**L, "floor_s": floor})
         print(f"{L['layer']:>5} {L['seconds']:>8.1f} {floor:>8.1f} {L['seconds'] / floor:>6.2f} "
-              f"{(L['peak_gpu_bytes'] or 0) / GiB:>12.2f} {L['peak_host_bytes'] / GiB:>13.2f}")
+              f"{(L['peak_gpu_bytes'] or 0) / GiB:>12.2f} {L['peak_host_bytes'] / GiB:>13.2f} "
+              f"{L.get('hidden_host_bytes', 0) / GiB:>12.2f}")
     per_layer = sum(L["seconds"] for L in res.layers[1:]) / max(1, len(res.layers) - 1)
     print(f"total {wall:.1f} s; 88 layers extrapolated: {88 * per_layer / 60:.1f} min on one GPU")
     (work / "calibration_bench.json").write_text(json.dumps({"rows": rows, "wall_s": wall, "tflops": flops_rate / 1e12,

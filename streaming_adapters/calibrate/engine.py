@@ -180,7 +180,9 @@ def _run_layer(sk: Skeleton, i: int, store: HiddenStore, targets: set[str], amax
         amax[n] = v
     return {"layer": i, "linears": len(names), "seconds": time.perf_counter() - t0, "fill_s": t_fill,
             "amax_min": min(vals) if vals else None, "amax_max": max(vals) if vals else None,
-            "peak_host_bytes": mem.peak_host, "peak_gpu_bytes": mem.peak_gpu if dev.type == "cuda" else None}
+            "peak_host_bytes": mem.peak_host, "peak_gpu_bytes": mem.peak_gpu if dev.type == "cuda" else None,
+            # Pinned (page-locked) host memory is not in RssAnon, which the host peak samples: said apart.
+            "hidden_host_bytes": 0 if store.spilled else store.nbytes}
 
 
 def _hook(running: torch.Tensor, k: int):
@@ -197,4 +199,5 @@ def _line(s: dict[str, Any], n: int, tokens: int) -> str:
     gpu = f", GPU peak {s['peak_gpu_bytes'] / 2**30:.2f} GiB" if s["peak_gpu_bytes"] is not None else ""
     rng = f"amax {s['amax_min']:.4g}..{s['amax_max']:.4g}" if s["linears"] else "no quantized Linear"
     return (f"calibrate layer {s['layer'] + 1}/{n}: {s['linears']} Linear(s), {rng}, {s['seconds']:.2f} s "
-            f"({tokens / max(s['seconds'], 1e-9):,.0f} tok/s), host peak {s['peak_host_bytes'] / 2**30:.2f} GiB{gpu}")
+            f"({tokens / max(s['seconds'], 1e-9):,.0f} tok/s), host peak {s['peak_host_bytes'] / 2**30:.2f} GiB"
+            f" + hidden states {s.get('hidden_host_bytes', 0) / 2**30:.2f} GiB{gpu}")

@@ -31,6 +31,8 @@ class HiddenStore:
         self.nbytes = self.offsets[-1] * hidden * 2
         self.spilled = self.nbytes > budget_bytes
         self.files: list[Path] = []
+        # Pinned rows of a GPU run take their layer outputs asynchronously (see ``write``).
+        self._async = pin and not self.spilled
         if not self.spilled:
             self._src = torch.empty(self.offsets[-1], hidden, dtype=torch.bfloat16, pin_memory=pin)
             self._dst = self._src
@@ -74,10 +76,17 @@ class HiddenStore:
         return self._src[self.offsets[j]: self.offsets[j + 1]]
 
     def write(self, j: int, x: torch.Tensor) -> None:
-        self._dst[self.offsets[j]: self.offsets[j + 1]].copy_(x, non_blocking=False)
+        # Into pinned rows the copy is queued on the stream behind the layer's kernels, so Python launches the
+        # next sample while the GPU works: a blocking copy per sample left the GPU idle (a Mistral-Large layer,
+        # 512 x 2048 tokens on an H200: 8.7 s against a 5.4 s floor, 2026-12-06).  Stream order keeps it
+        # safe when source and destination are the same rows: sample j's input was copied to the device
+        # before its output overwrites them; ``advance`` waits for every queued copy.
+        self._dst[self.offsets[j]: self.offsets[j + 1]].copy_(x, non_blocking=self._async and x.is_cuda)
 
     def advance(self) -> None:
-        """After a layer: its outputs become the next layer's inputs."""
+        """After a layer: its outputs become the next layer's inputs (every queued copy finished)."""
+        if self._async and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
         if self.spilled:
             self._src, self._dst = self._dst, self._src
 
