@@ -14,8 +14,9 @@ if [[ ${SKIP_BASE:-0} != 1 ]]; then
     timeout 150 bash -c "source tests/gpu/bench_fn.sh; bench base1 llama70b 4 1 '[raw_read,streaming_adapters,convert_nvfp4]'"
     # .oldpkg (ignored; carried): an earlier commit's streaming_adapters/ + recipes/, timed on the same machine
     # right after, so a refactor's load / conversion times are compared on one card.
+    # (run from inside .oldpkg: `python -m` puts the working folder first on sys.path)
     if [[ -d .oldpkg/streaming_adapters ]]; then
-        timeout 150 bash -c "export PYTHONPATH=/tmp/site:$PWD/.oldpkg:$PWD/tests; source tests/gpu/bench_fn.sh; \
+        timeout 150 bash -c "export PYTHONPATH=/tmp/site:$PWD/.oldpkg; source tests/gpu/bench_fn.sh; cd .oldpkg; \
             bench base1_old llama70b 4 1 '[streaming_adapters,convert_nvfp4]'"
         timeout 100 bash -c "source tests/gpu/bench_fn.sh; bench base1_again llama70b 4 1 '[streaming_adapters,convert_nvfp4]'"
     fi
