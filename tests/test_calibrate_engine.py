@@ -80,7 +80,9 @@ def test_moe_experts_follow_each_producers_rule(checkpoints):
     assert every["model.layers.0.self_attn.q_proj"] == routed["model.layers.0.self_attn.q_proj"]
 
 
-def test_sigkill_mid_calibration_resumes_at_the_last_finished_layer(checkpoints, tmp_path):
+@pytest.mark.parametrize("where", ["spilled", "memory"])
+def test_sigkill_mid_calibration_resumes_at_the_last_finished_layer(checkpoints, tmp_path, where):
+    """Spilled: the ping-pong files; in memory: the rows saved at the layer boundary (persist_every_s=0)."""
     import json
     import os
     import signal
@@ -93,7 +95,7 @@ def test_sigkill_mid_calibration_resumes_at_the_last_finished_layer(checkpoints,
     want = calibrate_activations(path, tokens(12, seed=9), targets_of(path))
     work = tmp_path / "work"
     here = Path(__file__).parent
-    proc = subprocess.Popen([sys.executable, str(here / "calib_kill_body.py"), str(path), str(work)],
+    proc = subprocess.Popen([sys.executable, str(here / "calib_kill_body.py"), str(path), str(work), where],
                             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(here), *sys.path])})
     state, layer, deadline = work / "state-rank0.json", -1, time.time() + 120
     while proc.poll() is None and time.time() < deadline:
@@ -106,8 +108,9 @@ def test_sigkill_mid_calibration_resumes_at_the_last_finished_layer(checkpoints,
             break
         time.sleep(0.005)
     assert proc.wait(60) == -signal.SIGKILL, "the run ended before it could be killed"
-    got = calibrate_activations(path, tokens(12, seed=9), targets_of(path), host_budget_bytes=0, work_dir=work)
-    assert got.resumed_layers >= 3 and got.spilled
+    got = calibrate_activations(path, tokens(12, seed=9), targets_of(path), work_dir=work,
+                                host_budget_bytes=1 << 30 if where == "memory" else 0)
+    assert got.resumed_layers >= 3 and got.spilled == (where == "spilled")
     assert got.amax == want.amax
     assert list(work.iterdir()) == []  # spill files and state removed after success
 

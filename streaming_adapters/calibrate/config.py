@@ -31,6 +31,10 @@ class CalibrationConfig:
     """Hidden states of all samples kept on the host up to this size; beyond it they spill to work_dir."""
     work_dir: Optional[str] = None
     """Folder for spilled hidden states and the resume state (default: <output>.partial/.calibration)."""
+    persist_every_s: Optional[float] = 600.0
+    """Hidden states kept in memory are saved to work_dir at the first layer boundary this many seconds after
+    the last save, so a killed run resumes there (0: every layer; null: never, a killed run calibrates again).
+    Spilled runs resume at every layer anyway."""
     moe_all_experts: Optional[bool] = None
     """MoE: every expert sees every token while calibrating (llm-compressor's rule; the default for
     compressed-tensors) or routed tokens with the max over the layer's experts (ModelOpt's; the default for
@@ -40,5 +44,7 @@ class CalibrationConfig:
         if self.samples < 1 or self.seq_len < 1:
             raise ValueError(f"calibration.samples and calibration.seq_len must be >= 1 (got {self.samples}, "
                              f"{self.seq_len})")
+        if self.persist_every_s is not None and self.persist_every_s < 0:
+            raise ValueError(f"calibration.persist_every_s must be >= 0 or null (got {self.persist_every_s})")
         if self.host_budget_gb < 0:
             raise ValueError(f"calibration.host_budget_gb must be >= 0 (got {self.host_budget_gb})")

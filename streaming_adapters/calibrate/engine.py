@@ -13,7 +13,9 @@ is the same bits for any world size.
 Resume (spilled runs): after each layer every rank records ``state-rank{r}.json`` in ``work_dir`` (layer,
 which spill file holds its outputs, the amax so far, tokens' sha256, world size).  A re-run whose ranks all
 find the same layer with the same tokens and world size continues after it; the spill files are
-ping-pong, so the finished layer's outputs are intact whatever a kill interrupted.
+ping-pong, so the finished layer's outputs are intact whatever a kill interrupted.  Runs with the hidden states
+in memory save them to ``work_dir`` (written beside, fsynced, renamed in) after the first layer that ends
+``persist_every_s`` after the last save, every rank at the same layer, and resume from there the same way.
 
 Memory per rank: one decoder layer (BF16) + the embedding + one sample's activations on ``device``; the
 rank's hidden states on the host (``store.HiddenStore``: within ``host_budget_bytes``, else spilled).
@@ -37,6 +39,11 @@ from ..report import MemoryMonitor
 from .data import CalibrationTokens
 from .skeleton import Skeleton
 from .store import HiddenStore
+
+# In-memory hidden states saved at most every 10 min: at Mistral-Large dims (24 GiB per GPU, ~12 s to write at
+# 2 GB/s; ~9 s per layer on an H200, 88 layers in ~13 min) that is one or two saves, ~3% of the run, and a
+# kill loses at most 10 minutes.  0: after every layer; None: never (a killed run calibrates again).
+DEFAULT_PERSIST_EVERY_S = 600.0
 
 
 @dataclass
@@ -71,6 +78,7 @@ def calibrate_activations(
     moe_all_experts: bool = True,
     attn_implementation: str = "eager",
     progress: bool = False,
+    persist_every_s: float | None = DEFAULT_PERSIST_EVERY_S,
 ) -> CalibrationResult:
     """Measure the input amax of every module in ``targets`` (checkpoint module names, e.g.
     ``model.layers.0.self_attn.q_proj``) over ``tokens``.  Called on every rank of ``process_group``."""
@@ -87,9 +95,13 @@ def calibrate_activations(
     # Resume only where every rank stands at the same finished layer.
     first = {s["layer"] if s else None for s in all_gather_object(state, process_group)}
     state = state if len(first) == 1 and None not in first else None
+    saved = Path(work_dir, f"hidden-rank{rank}-saved.bin") if work_dir is not None else None
+    from_file = state is not None and state["src"] == "saved"
     store = HiddenStore([int(tokens.samples[j].numel()) for j in mine], sk.hidden_size,
                         budget_bytes=host_budget_bytes, work_dir=work_dir, pin=dev.type == "cuda", tag=f"rank{rank}",
-                        resume_src=state["src"] if state else None)
+                        resume_src=state["src"] if state and not from_file else None)
+    if from_file:
+        store.load(saved)
     state = state if all_gather_object(store.resumed or not state, process_group).count(True) == world else None
     amax: dict[str, float] = dict(state["amax"]) if state else {}
     start = state["layer"] + 1 if state else 0
@@ -101,17 +113,25 @@ def calibrate_activations(
     elif progress and rank == 0:
         print(f"calibrate: resuming after layer {start}/{sk.num_layers} (hidden states from {work_dir})", flush=True)
     layers: list[dict[str, Any]] = list(state.get("layers", [])) if state else []
+    last_saved = time.monotonic()
     for i in range(start, sk.num_layers):
         stats = _run_layer(sk, i, store, targets, amax, process_group, dev)
         layers.append(stats)
         if store.spilled:
             store.sync()
             _write_state(work_dir, rank, {**key, "layer": i, "src": store.src_index, "amax": amax, "layers": layers})
+        elif saved is not None and persist_every_s is not None and i + 1 < sk.num_layers and any(
+                all_gather_object(time.monotonic() - last_saved >= persist_every_s, process_group)):
+            # Every rank saves at the same layer (the resume needs them all at one layer).
+            store.save(saved)
+            _write_state(work_dir, rank, {**key, "layer": i, "src": "saved", "amax": amax, "layers": layers})
+            last_saved = time.monotonic()
         if progress and rank == 0:
             print(_line(stats, sk.num_layers, tokens.num_tokens), flush=True)
     store.close()  # only after success: a failed run keeps its spill files and state for the resume
     if work_dir is not None:
         Path(work_dir, f"state-rank{rank}.json").unlink(missing_ok=True)
+        saved.unlink(missing_ok=True)
     _refuse_uncovered(targets - set(amax), checkpoint)
     return CalibrationResult(amax=dict(sorted(amax.items())), tokens_sha256=tokens.sha256,
                              samples=len(tokens.samples), tokens=tokens.num_tokens, seq_len=tokens.seq_len,

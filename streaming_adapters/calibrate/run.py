@@ -67,7 +67,7 @@ def calibration_table(plan, src: Path, tokens: CalibrationTokens, cal: Calibrati
             src, tokens, targets, process_group=group, device=device,
             host_budget_bytes=int(cal.host_budget_gb * (1 << 30)), work_dir=work,
             moe_all_experts=plan.calibration["moe_all_experts"], attn_implementation=plan.calibration["attention"],
-            progress=progress)
+            persist_every_s=cal.persist_every_s, progress=progress)
         error = None
         if rank == 0:
             try:
