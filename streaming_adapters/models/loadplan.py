@@ -29,7 +29,7 @@ from ..dist import all_gather_object, raise_gathered
 from ..errors import DestinationError
 from .families import Family
 from .keymap import KeyMapper
-from .plan import Request, plan_requests
+from .plan import Plan, Request, plan_requests
 
 # Parts that hold no decoder layer (embeddings, final norm, lm_head, projector) sort last.
 REST = ("\x7f", -1)
@@ -68,18 +68,10 @@ class PartPlan:
 
 
 @dataclass
-class LoadPlan:
-    """This rank's parts and what the mapping found (before any I/O)."""
+class LoadPlan(Plan):
+    """This rank's parts (their requests are ``requests``, in part order) and what the mapping found."""
 
     parts: list[PartPlan] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)      # model keys with no (or an incomplete) source
-    details: list[str] = field(default_factory=list)      # "missing: key (tried ...)" lines, for errors
-    problems: list[str] = field(default_factory=list)     # shape / coverage / duplicate / dtype: always errors
-    used: set[str] = field(default_factory=set)           # checkpoint keys this rank's tensors map to
-
-    @property
-    def requests(self) -> list[Request]:
-        return [r for p in self.parts for r in p.requests]
 
     def part_of(self, layer: int, prefix: str | None = None) -> PartPlan:
         """The part of decoder layer ``layer`` (of the layer list ``prefix``, if the model has several): what a
@@ -113,12 +105,14 @@ def plan_load(destinations: dict[str, list[tuple[str, torch.Tensor]]], mapper: K
                 plan.missing.append(key)
             plan.details += found.details
             plan.problems += found.problems
+            plan.tensors += found.tensors
             for r in found.requests:
                 r.model_key = key  # the model's own name: NeMo's parts list model keys
             part.requests += found.requests
             part.sources[key] |= found.used
             plan.used |= found.used
     plan.parts = [groups[g] for g in sorted(groups)]
+    plan.requests = [r for p in plan.parts for r in p.requests]
     return plan
 
 
