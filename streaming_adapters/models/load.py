@@ -163,7 +163,7 @@ def load_fp8_checkpoint(
         error = e
     # One collective: every rank learns every rank's error and findings and raises the same error (or none).
     unexpected = agree_mapping(error, plan, logical, process_group, path=path, strict=strict,
-                               unexpected_is_error=strict, fix=_FIX)
+                               unexpected_is_error=strict)
     device = plan.requests[0].view.device if plan.requests else None
     with MemoryMonitor(device) as mem:
         n_steps = _load_parts([p for p in plan.parts if p.requests], reader, process_group, path)
@@ -184,11 +184,6 @@ def load_fp8_checkpoint(
     if verbose and rank == 0:
         print(report.summary_line(), flush=True)
     return report
-
-
-# A mapping error's fix (load_fp8_checkpoint offers strict=False).
-_FIX = ("check the model family (config.json model_type) and its key mapper "
-        "(streaming_adapters.models.register_key_mapper), or pass strict=False to skip missing/unexpected keys")
 
 
 def _load_parts(parts: list[PartPlan], reader, process_group, path: str) -> int:

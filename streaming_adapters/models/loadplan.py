@@ -33,9 +33,6 @@ from .plan import Plan, Request, plan_requests
 
 # Parts that hold no decoder layer (embeddings, final norm, lm_head, projector) sort last.
 REST = ("\x7f", -1)
-# How to fix a mapping error, for callers that have no ``strict`` switch to offer.
-MAPPING_FIX = ("check the model family (config.json model_type) and its key mapper "
-               "(streaming_adapters.models.register_key_mapper)")
 
 
 def group_of(key: str, family: Family) -> tuple[str, int]:
@@ -122,7 +119,7 @@ def state_dict_destinations(state_dict: dict) -> dict[str, list[tuple[str, torch
 
 
 def agree_mapping(error: BaseException | None, plan: LoadPlan, logical: dict, group, *, path: str, strict: bool,
-                  unexpected_is_error: bool, fix: str = MAPPING_FIX) -> list[str]:
+                  unexpected_is_error: bool) -> list[str]:
     """Collective (one all-gather): every rank raises the same error -- a rank's own (planning failed), or the
     gathered mapping problems -- or none.  Returns the checkpoint tensors no rank uses."""
     gathered = all_gather_object((error, plan.used, plan.problems, plan.details), group)
@@ -138,7 +135,10 @@ def agree_mapping(error: BaseException | None, plan: LoadPlan, logical: dict, gr
     if hard:
         raise DestinationError(
             f"{len(hard)} problem(s) mapping the model to the checkpoint (examples={hard[:3]})", file=path,
-            tensor=tensor, expected="every model tensor filled exactly once from tensors the checkpoint has", fix=fix)
+            tensor=tensor, expected="every model tensor filled exactly once from tensors the checkpoint has",
+            fix="check the model family (config.json model_type) and its key mapper "
+            "(streaming_adapters.models.register_key_mapper); with load_fp8_checkpoint, strict=False skips "
+            "missing and unexpected keys")
     return unexpected
 
 
