@@ -27,18 +27,6 @@ def all_gather_object(obj: Any, group: dist.ProcessGroup | None = None) -> list[
     return out
 
 
-def max_over_ranks(value: int, group: dist.ProcessGroup | None = None) -> int:
-    """The largest ``value`` of the group (a tensor on the GPU for NCCL, which cannot reduce CPU tensors)."""
-    if not is_dist(group):
-        return value
-    import torch
-
-    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return int(t.item())
-
-
 def raise_on_all_ranks(error: BaseException | None, group: dist.ProcessGroup | None = None) -> None:
     """Collective: if any rank has an error, every rank raises.  The same error everywhere is raised as
     itself (its own class); different errors as one :class:`DistributedCheckpointError`."""

@@ -20,9 +20,24 @@ import math
 import re
 from dataclasses import dataclass
 
+from .models.families import Family, get_family
+
 ROWWISE = re.compile(r"(o_proj|down_proj|\.w2|out_proj|dense_4h_to_h)\.weight$")
+# Deprecated: decoder layers and experts come from the family (``Family.layer_of`` / ``expert_of``).
 EXPERT = re.compile(r"\.experts\.(\d+)\.")
 LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def _family(family: Family | None) -> Family:
+    return family if family is not None else get_family()
+
+
+def counts(names, family: Family | None = None) -> tuple[int, int]:
+    """(decoder layers, experts per layer) of a checkpoint's tensor names, by the family's layout."""
+    fam = _family(family)
+    layers = [li[1] for n in names if (li := fam.layer_of(n)) is not None]
+    experts = [e for n in names if (e := fam.expert_of(n)) is not None]
+    return 1 + max(layers, default=0), 1 + max(experts, default=0)
 
 
 @dataclass(frozen=True)
@@ -52,18 +67,18 @@ def tp_dim(name: str, shape: tuple[int, ...]) -> int | None:
     return 1 if ROWWISE.search(name) else 0
 
 
-def stage_of(name: str, num_layers: int, pp: int) -> int:
-    m = LAYER.search(name)
-    if m:
-        return min(pp - 1, int(m.group(1)) * pp // max(1, num_layers))
+def stage_of(name: str, num_layers: int, pp: int, family: Family | None = None) -> int:
+    layer = _family(family).layer_of(name)
+    if layer is not None:
+        return min(pp - 1, layer[1] * pp // max(1, num_layers))
     return 0 if "embed" in name else pp - 1
 
 
-def expert_owner(name: str, num_experts: int, ep: int) -> int | None:
-    m = EXPERT.search(name)
-    if not m or ep == 1:
+def expert_owner(name: str, num_experts: int, ep: int, family: Family | None = None) -> int | None:
+    e = _family(family).expert_of(name)
+    if e is None or ep == 1:
         return None
-    return min(ep - 1, int(m.group(1)) * ep // max(1, num_experts))
+    return min(ep - 1, e * ep // max(1, num_experts))
 
 
 def chunk_range(n: int, parts: int, i: int) -> tuple[int, int]:
@@ -74,12 +89,12 @@ def chunk_range(n: int, parts: int, i: int) -> tuple[int, int]:
 
 
 def local_box(name: str, shape: tuple[int, ...], layout: Layout, rank: int, num_layers: int,
-              num_experts: int) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+              num_experts: int, family: Family | None = None) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
     """The box (start, length) of ``name`` held by ``rank``, or None if the rank holds none of it."""
     c = layout.coords(rank)
-    if stage_of(name, num_layers, layout.pp) != c["pp"]:
+    if stage_of(name, num_layers, layout.pp, family) != c["pp"]:
         return None
-    owner = expert_owner(name, num_experts, layout.ep)
+    owner = expert_owner(name, num_experts, layout.ep, family)
     if owner is not None and owner != c["ep"]:
         return None
     start, length = [0] * len(shape), list(shape)
@@ -109,19 +124,18 @@ def make_mesh(layout: Layout, device):
 
 
 def build_state_dict(logical: dict, layout: Layout, rank: int, device, dtype=None, fill: float = float("nan"),
-                     mesh=None):
+                     mesh=None, family: Family | None = None):
     """Real DTensors (on the ``(dp_shard, tp)`` sub-mesh of the rank's pp/ep group) for every tensor the
     rank holds, NaN-filled so a missed element shows.  Returns ``{name: DTensor}`` and ``{name: box}``."""
     import torch
     from torch.distributed.tensor import DTensor, Replicate, Shard
     from torch.distributed.tensor.placement_types import _StridedShard
 
-    num_layers = 1 + max((int(m.group(1)) for n in logical if (m := LAYER.search(n))), default=0)
-    num_experts = 1 + max((int(m.group(1)) for n in logical if (m := EXPERT.search(n))), default=0)
+    num_layers, num_experts = counts(logical, family)
     sub = mesh if mesh is not None else make_mesh(layout, device)
     sd, boxes = {}, {}
     for name, lt in logical.items():
-        box = local_box(name, lt.shape, layout, rank, num_layers, num_experts)
+        box = local_box(name, lt.shape, layout, rank, num_layers, num_experts, family)
         if box is None:
             continue
         d = tp_dim(name, lt.shape)

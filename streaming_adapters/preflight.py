@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from .checkpoint.index import CheckpointIndex
 from .errors import CheckpointError
 from .formats import LogicalTensor, StreamingFP8StateDictAdapter
-from .layouts import EXPERT, LAYER, Layout, local_box
+from .layouts import Layout, counts, local_box
+from .models.families import get_family
 from .numerics.fp8 import CPU_SUBCHUNK_ELEMS, block_window
 from .pipeline import DEFAULT_DEPTH, DEFAULT_HOST_DEPTH, DEFAULT_PIPELINE_CHUNK
 from .report import _fmt_bytes
@@ -104,14 +105,14 @@ def plan_load(index: CheckpointIndex, adapter: StreamingFP8StateDictAdapter, lay
               host_capacity: float | None = None, gpu_capacity: float | None = None,
               suggest: bool = True) -> Preflight:
     logical = adapter.plan.logical
-    num_layers = 1 + max((int(m.group(1)) for n in logical if (m := LAYER.search(n))), default=0)
-    num_experts = 1 + max((int(m.group(1)) for n in logical if (m := EXPERT.search(n))), default=0)
+    family = get_family(index.config)
+    num_layers, num_experts = counts(logical, family)
     ranks = []
     for rank in range(layout.world_size):
         rp = RankPlan(rank)
         largest = 0
         for name, lt in logical.items():
-            box = local_box(name, lt.shape, layout, rank, num_layers, num_experts)
+            box = local_box(name, lt.shape, layout, rank, num_layers, num_experts, family)
             if box is None or math.prod(box[1]) == 0:
                 continue
             rp.tensors += 1

@@ -10,13 +10,12 @@ Per rank:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+from ..models.families import get_family
 from ..report import _fmt_bytes
 from .config import CalibrationConfig
 
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
 GiB = 1 << 30
 
 
@@ -42,15 +41,16 @@ def calibration_need(logical: dict, config: dict, cal: CalibrationConfig, world:
     inter = int(text.get("moe_intermediate_size") or 0) * int(text.get("num_experts_per_tok") or 0) \
         + int(text.get("intermediate_size") or 0)
     heads = int(text.get("num_attention_heads") or 1)
+    family = get_family(config)
     per_layer: dict[int, int] = {}
     embed = 0
     for name, lt in logical.items():
         n = 1
         for d in lt.shape:
             n *= d
-        m = _LAYER.search(name)
-        if m:
-            per_layer[int(m.group(1))] = per_layer.get(int(m.group(1)), 0) + 2 * n
+        layer = family.layer_of(name)
+        if layer:
+            per_layer[layer[1]] = per_layer.get(layer[1], 0) + 2 * n
         elif "embed_tokens" in name:
             embed += 2 * n
     layer = max(per_layer.values(), default=0)

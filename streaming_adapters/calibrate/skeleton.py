@@ -80,8 +80,10 @@ class Skeleton:
         return int(self.config.hidden_size)
 
     # -- fill / free ---------------------------------------------------------------------------------
-    def _fill(self, modules: dict[str, nn.Module]) -> None:
-        """Fill ``modules`` (model name -> module) from the checkpoint with the project's loader."""
+    def fill(self, modules: dict[str, nn.Module]) -> None:
+        """Fill ``modules`` (model name -> materialized module: a decoder layer, the embedding, the final norm)
+        from the checkpoint with the project's loader (``load_fp8_checkpoint``: its load plan, one part per
+        decoder layer).  Collective over the skeleton's process group."""
         root = nn.Module()
         for name, mod in modules.items():
             parent = root
@@ -102,7 +104,7 @@ class Skeleton:
     def _materialize_embeddings(self) -> None:
         emb = self.base.embed_tokens
         emb.to_empty(device=self.device)
-        self._fill({f"{self.prefix[: -len('layers')]}embed_tokens": emb})
+        self.fill({f"{self.prefix[: -len('layers')]}embed_tokens": emb})
         # Rotary inv_freq is a non-persistent buffer computed at construction: build it again for real.
         rot = getattr(self.base, "rotary_emb", None)
         if rot is not None:
@@ -112,7 +114,7 @@ class Skeleton:
     def fill_layer(self, i: int) -> nn.Module:
         layer = self.layers[i]
         layer.to_empty(device=self.device)
-        self._fill({f"{self.prefix}.{i}": layer})
+        self.fill({f"{self.prefix}.{i}": layer})
         return layer
 
     def free_layer(self, i: int) -> None:

@@ -24,9 +24,12 @@ from dataclasses import dataclass, field
 from ..checkpoint.index import CheckpointIndex
 from ..errors import AlreadyNVFP4Error, CheckpointError
 from ..formats import LogicalTensor, StreamingFP8StateDictAdapter
+from ..models.families import Family, get_family
 from .layout import FileLayout, OutputTensor, layout_file
 from .targets import NVFP4_GROUP, is_linear_weight, normalize_target, outputs_for
 
+# Deprecated: the bare leaf names the fused groups were once matched by, anywhere in a name.  The groups now live
+# with each model family (``models/families.py``: ``Family.fused``, paths relative to a decoder layer).
 FUSED_MEMBERS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"),
                  ("w1", "w3"))
 # Written by the conversion next to the shards (and its bookkeeping folder, a dot-folder).
@@ -84,18 +87,15 @@ class ConversionPlan:
         return sum(f.size for f in self.files.values())
 
 
-def _unit_key(name: str) -> tuple[str, int] | None:
-    mod = name[: -len(".weight")]
-    parent, _, leaf = mod.rpartition(".")
-    for gi, members in enumerate(FUSED_MEMBERS):
-        if leaf in members:
-            return parent, gi
-    return None
+def _unit_key(name: str, family: Family | None = None) -> tuple[str, int] | None:
+    """``(parent module, group)`` of a weight in one of the family's fused groups (default: any known group)."""
+    return (family or get_family()).fused_group(name)
 
 
-def _layer_key(name: str) -> tuple:
-    m = re.search(r"\.layers\.(\d+)\.", name)
-    return (0 if "embed" in name else 2 if m is None else 1, int(m.group(1)) if m else 0)
+def _layer_key(name: str, family: Family | None = None) -> tuple:
+    """Embeddings first, decoder layers by index, the rest last."""
+    layer = (family or get_family()).layer_of(name)
+    return (0 if "embed" in name else 2 if layer is None else 1, layer[1] if layer else 0)
 
 
 def make_plan(
@@ -169,10 +169,11 @@ def make_plan(
     files = {f: layout_file(f, ts, meta) for f, ts in sorted(per_file.items())}
 
     # Units, in checkpoint (layer) order.
-    order = sorted(logical, key=lambda n: (_layer_key(n), n))
+    family = get_family(index.config)
+    order = sorted(logical, key=lambda n: (_layer_key(n, family), n))
     units: dict[tuple, list[str]] = {}
     for n in order:
-        key = _unit_key(n) if nvfp4[n] else None
+        key = _unit_key(n, family) if nvfp4[n] else None
         units.setdefault(key if key is not None else ("single", n), []).append(n)
 
     # Steps by BF16 bytes, never splitting a unit.

@@ -79,7 +79,7 @@ class _Model:
             names = {n: m for n, m in names.items() if m is norm}
         else:
             head.to_empty(device=self.sk.device)
-        self.sk._fill(names)  # the project's reader, as for the layers (Skeleton's own fill)
+        self.sk.fill(names)  # the project's reader, as for the layers
         self.head = (norm, head)
 
     def logits(self, j: int, dev: torch.device) -> torch.Tensor:

@@ -7,9 +7,10 @@
 2. **Requests.**  Each part's region is intersected with the rank's local shard (DTensor geometry, any
    placements; plain expert ranges via ``expert_range``); the intersection becomes one DCP ``ReadItem``:
    a box of the checkpoint tensor -> a view of the local storage.  Fused experts are filled through views.
-3. **Groups.**  One ``dcp.load`` per decoder layer (plus one for the rest).  Ranks agree on the number of
-   groups (all-reduce MAX) and pad with empty loads, so pipeline stages holding 2 and 3 layers issue the
-   same collectives and never hang.
+3. **Parts.**  One ``dcp.load`` per decoder layer (the family's ``layer_of``) plus one for the rest.  Ranks
+   agree on the number of parts (one all-gather, ``loadplan.agree_parts``) and pad with empty loads, so
+   pipeline stages holding 2 and 3 layers issue the same collectives and never hang.  Steps 1 and 3 are
+   ``loadplan.py``'s, shared with NeMo's ``PartsLoad``.
 
 Memory model (per rank): the model's own shards (allocated by the caller) + the reader's transient
 (``chunk_bytes`` of codes at most; zero-copy page-cache views with the mmap backend on CPU) + one group's
@@ -19,7 +20,6 @@ DCP plan (a few hundred bytes per read item).  No full tensor, layer or model is
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -30,19 +30,18 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 from ..checkpoint.index import CheckpointIndex
-from ..dist import all_gather_object, max_over_ranks, raise_on_all_ranks, rank_and_world
+from ..dist import all_gather_object, rank_and_world
 from ..errors import CheckpointError, DestinationError
 from ..fill import DEFAULT_CHUNK_BYTES
 from ..formats import get_adapter
 from ..load import dcp_load
 from ..reader import StreamingFP8StorageReader
 from ..report import LoadReport, MemoryMonitor, RankStats
-from .families import get_key_mapper
+from .families import get_family
 from .keymap import KeyMapper
-from .plan import Plan, Request, local_geometry, plan_requests
-
-# A decoder layer's prefix: ``model.layers.3``, ``model.vision_tower.transformer.layers.0``, ``layers.3``.
-LAYER = re.compile(r"^(.*?layers)\.(\d+)\.")
+from . import loadplan
+from .loadplan import PartPlan, agree_mapping, agree_parts, plan_load, state_dict_destinations
+from .plan import Request, local_geometry
 
 
 @dataclass
@@ -94,13 +93,6 @@ class PartsLoadPlanner(DefaultLoadPlanner):
         pass
 
 
-def _group_of(key: str) -> tuple[str, int]:
-    """Decoder layers by prefix and index (vision and language layer 0 are different groups); the rest
-    (embeddings, final norm, lm_head, projector) in one group ordered last."""
-    m = LAYER.match(key)
-    return (m.group(1), int(m.group(2))) if m else ("\x7f", -1)
-
-
 def _process_group(device_mesh, process_group):
     """The group whose ranks all call the load: the mesh's (a 1-D mesh), or the world (an n-D mesh that
     spans it: TP x FSDP, PP x ...)."""
@@ -150,34 +142,31 @@ def load_fp8_checkpoint(
     t0 = time.perf_counter()
     error: BaseException | None = None
     reader = index = adapter = None
-    plan = Plan()
+    plan, path, logical = loadplan.LoadPlan(), str(checkpoint_path), {}
     try:
         index = CheckpointIndex.open(checkpoint_path)
+        path = str(index.path)
         adapter = get_adapter(checkpoint_path, index=index)
-        mapper = key_mapper or get_key_mapper(index.config)
+        logical = adapter.plan.logical
+        family = get_family(index.config)
+        mapper = key_mapper or family.mapper()
         state_dict = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
         meta = [k for k, v in state_dict.items() if local_geometry(v)[0].device.type == "meta"]
         if meta:
             raise DestinationError(f"{len(meta)} model tensor(s) are on the meta device (examples={meta[:3]})",
                                    file=str(index.path), tensor=meta[0], expected="materialized storage",
                                    fix="call model.to_empty(device=...) (after parallelizing) first")
-        plan = plan_requests(state_dict, mapper, adapter.plan.logical, expert_range)
+        plan = plan_load(state_dict_destinations(state_dict), mapper, logical, family, expert_range)
         reader = StreamingFP8StorageReader(checkpoint_path, index=index, adapter=adapter, chunk_bytes=chunk_bytes,
                                            io_backend=io_backend)
     except CheckpointError as e:
         error = e
-    raise_on_all_ranks(error, process_group)
-    # One collective: every rank learns every rank's findings and raises the same error (or none).
-    gathered = all_gather_object((plan.used, plan.problems, plan.details), process_group)
-    unexpected = sorted(set(adapter.plan.logical) - set().union(*(g[0] for g in gathered)))
-    problems = list(dict.fromkeys(p for g in gathered for p in g[1]))
-    details = list(dict.fromkeys(d for g in gathered for d in g[2]))
-    error = _mapping_error(problems, details, unexpected, strict, str(index.path))
-    if error is not None:
-        raise error
+    # One collective: every rank learns every rank's error and findings and raises the same error (or none).
+    unexpected = agree_mapping(error, plan, logical, process_group, path=path, strict=strict,
+                               unexpected_is_error=strict)
     device = plan.requests[0].view.device if plan.requests else None
     with MemoryMonitor(device) as mem:
-        n_steps = _load_groups(plan.requests, reader, process_group)
+        n_steps = _load_parts([p for p in plan.parts if p.requests], reader, process_group, path)
     cuda = device is not None and device.type == "cuda"
     mine = RankStats(rank=rank, tensors=reader.tensors_read, quantized=reader.quantized_read,
                      plain=reader.tensors_read - reader.quantized_read, bytes_read=reader.bytes_read,
@@ -197,32 +186,9 @@ def load_fp8_checkpoint(
     return report
 
 
-def _mapping_error(problems: list[str], details: list[str], unexpected: list[str], strict: bool,
-                   path: str) -> DestinationError | None:
-    hard = problems + (details if strict else [])
-    tensor = hard[0].split(": ", 1)[-1].split(" ")[0] if hard else None  # "kind: <model key> ..."
-    if strict and unexpected:
-        hard.append(f"unexpected: {len(unexpected)} checkpoint tensor(s) no rank loads (examples={unexpected[:3]})")
-        tensor = tensor or unexpected[0]
-    if not hard:
-        return None
-    return DestinationError(
-        f"{len(hard)} problem(s) mapping the model to the checkpoint (examples={hard[:3]})",
-        file=path, tensor=tensor,
-        expected="every model tensor filled exactly once from tensors the checkpoint has",
-        fix="check the model family (config.json model_type) and its key mapper "
-        "(streaming_adapters.models.register_key_mapper), or pass strict=False to skip missing/unexpected keys",
-    )
-
-
-def _load_groups(requests: list[Request], reader, process_group) -> int:
-    """One ``dcp.load`` per group; every rank makes the same number of calls.  Returns that number."""
-    groups: dict[tuple[str, int], list[Request]] = {}
-    for r in requests:
-        groups.setdefault(_group_of(r.model_key), []).append(r)
-    order = sorted(groups)
-    n_steps = max_over_ranks(len(order), process_group)
-    for step in range(n_steps):
-        reqs = groups[order[step]] if step < len(order) else []
-        dcp_load({}, reader, PartsLoadPlanner(reqs), process_group)
-    return n_steps
+def _load_parts(parts: list[PartPlan], reader, process_group, path: str) -> int:
+    """One ``dcp.load`` per part; every rank makes the same number of calls (padded with empty loads)."""
+    parts = agree_parts(parts, process_group, pad=True, path=path)
+    for part in parts:
+        dcp_load({}, reader, PartsLoadPlanner(part.requests), process_group)
+    return len(parts)

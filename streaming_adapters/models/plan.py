@@ -110,22 +110,24 @@ def overlapping(regions: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> tuple
 
 
 def plan_requests(state_dict: dict, mapper: KeyMapper, logical: dict,
-                  expert_range: tuple[int, int] | None = None) -> Plan:
-    """The rank's requests and the mapping's findings (see the module docstring)."""
+                  expert_range: tuple[int, int] | None = None, seen: set | None = None) -> Plan:
+    """The rank's requests and the mapping's findings (see the module docstring).  ``seen``: the storages
+    already planned (shared between calls that plan one model piece by piece)."""
     ckpt, plan = _Ckpt(logical), Plan()
-    seen: set[int] = set()
+    seen = set() if seen is None else seen
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             continue
         local, offset, shape = local_geometry(value, key, expert_range)
         parts = mapper.parts(key, shape, ckpt)
         if local.numel():
-            if local.data_ptr() in seen:
-                # Tied: the same storage under another name is filled once; a checkpoint that still has
-                # the alias's own copy (``lm_head.weight`` next to tied embeddings) is not "unexpected".
+            # Tied: the same storage (and view of it) under another name is filled once; a checkpoint that
+            # still has the alias's own copy (``lm_head.weight`` next to tied embeddings) is not "unexpected".
+            same = (local.data_ptr(), tuple(local.shape), local.stride())
+            if same in seen:
                 plan.used.update(p.ckpt_key for p in parts or () if p.ckpt_key in ckpt)
                 continue
-            seen.add(local.data_ptr())
+            seen.add(same)
         plan.tensors += 1
         if any(o + n > m for o, n, m in zip(offset, local.shape, shape)):
             plan.problems.append(f"shard: {key} local {list(local.shape)} at offset {list(offset)} exceeds its "

@@ -5,13 +5,14 @@
    With one (NeMo's MoE families: grouped experts ``[E, H, 2I]``), its ``convert_single_tensor_to_hf(...,
    for_checkpoint_load=True)`` gives per-expert *views* of the model's storage in checkpoint layout; a copy
    instead of a view would never reach the model, so it is an error.
-2. **Requests.**  The family's key mapper and :func:`~streaming_adapters.models.plan.plan_requests` turn each
-   destination into boxes of checkpoint tensors -> views of the local shard (missing / shape / dtype
-   problems are errors on every rank; checkpoint tensors no rank uses are logged).
-3. **Parts.**  One per decoder layer, plus one for the rest.  A part whose FP8 temporaries exceed
-   ``max_part_bytes`` is split.  Ranks agree on the number of parts (all-reduce MAX) and a rank with fewer
-   splits its largest parts: pipeline stages holding 2 and 3 layers issue the same number of
-   ``dcp.load`` collectives (a stage with fewer model tensors than parts is an error, not a hang).
+2. **Requests and parts** (``models/loadplan.py``, shared with ``load_fp8_checkpoint``).  The family's key
+   mapper turns each destination into boxes of checkpoint tensors -> views of the local shard (missing /
+   shape / dtype problems are errors on every rank; checkpoint tensors no rank uses are logged); one part per
+   decoder layer (the family's ``layer_of``), plus one for the rest.  A part whose FP8 temporaries exceed
+   ``max_part_bytes`` is split.
+3. **Agreement.**  Ranks agree on the number of parts (one all-gather) and a rank with fewer splits its
+   largest parts: pipeline stages holding 2 and 3 layers issue the same number of ``dcp.load`` collectives (a
+   stage with fewer model tensors than parts makes every rank raise the same error, not a hang).
 """
 
 from __future__ import annotations
@@ -28,21 +29,13 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ...checkpoint.index import CheckpointIndex
-from ...dist import all_gather_object, is_dist, raise_on_all_ranks
+from ...dist import all_gather_object, is_dist
 from ...errors import DestinationError
 from ...fill import DEFAULT_CHUNK_BYTES, BoxFiller
 from ...formats import get_adapter
-from ...models import get_key_mapper
-from ...models.plan import plan_requests
-from .parts import (
-    REST,
-    BoxDestination,
-    PartPlan,
-    TemporaryBoxes,
-    clusters,
-    group_of,
-    split_to,
-)
+from ...models.families import get_family
+from ...models.loadplan import LoadPlan, PartPlan, agree_mapping, agree_parts, bound_parts, plan_load
+from .parts import BoxDestination, TemporaryBoxes
 
 logger = logging.getLogger("streaming_adapters.nemo")
 
@@ -119,68 +112,24 @@ class PartsLoad:
         self.chunk_bytes = chunk_bytes
         self.stats = PartsLoadStats(rank=dist.get_rank() if is_dist() else 0)
         error: BaseException | None = None
-        parts: list[PartPlan] = []
-        used: set[str] = set()
+        plan, self.logical, where = LoadPlan(), {}, str(path)
         try:
             self.index = CheckpointIndex.open(path)
+            where = str(self.index.path)
             self.logical = get_adapter(path, index=self.index).plan.logical
-            mapper = get_key_mapper(self.index.config)
-            dests = checkpoint_destinations(model_state_dict, inner, device_mesh, str(self.index.path))
-            parts, used, problems = self._plan(dests, mapper)
-            if problems:
-                raise DestinationError(
-                    f"{len(problems)} problem(s) mapping the model to the checkpoint (examples={problems[:3]})",
-                    file=str(self.index.path), tensor=problems[0].split(": ", 1)[-1].split(" ")[0],
-                    expected="every model tensor filled exactly once from tensors the checkpoint has",
-                    fix="check that the checkpoint matches the model (config.json model_type) and its key mapper "
-                    "(streaming_adapters.models.register_key_mapper)")
-            parts = [q for p in parts for q in self._bounded(p, max_part_bytes)]
+            family = get_family(self.index.config)
+            dests = checkpoint_destinations(model_state_dict, inner, device_mesh, where)
+            plan = plan_load(dests, family.mapper(), self.logical, family)
+            plan.parts = bound_parts(plan.parts, max_part_bytes, self.logical)
         except Exception as e:  # noqa: BLE001 -- every rank raises (gathered), none waits in a collective
             error = e
-        raise_on_all_ranks(error)
-        unexpected = sorted(set(self.logical) - set().union(*all_gather_object(used)))
+        # A missing source is an error here (NeMo would leave the tensor unset); unused tensors are only logged.
+        unexpected = agree_mapping(error, plan, self.logical, None, path=where, strict=True,
+                                   unexpected_is_error=False)
         if unexpected and self.stats.rank == 0:
             logger.warning("streaming_adapters: %d checkpoint tensor(s) are not used by the model (examples=%s)",
                            len(unexpected), unexpected[:5])
-        self.parts = self._agree(parts)
-
-    # -- planning -------------------------------------------------------------------------------------
-    def _plan(self, dests, mapper) -> tuple[list[PartPlan], set[str], list[str]]:
-        groups: dict[tuple[str, int], PartPlan] = {}
-        used: set[str] = set()
-        problems: list[str] = []
-        for key, items in dests.items():
-            part = groups.setdefault(group_of(key), PartPlan([]))
-            part.model_keys.append(key)
-            part.sources[key] = set()
-            for hf_key, dest in items:
-                plan = plan_requests({hf_key: dest}, mapper, self.logical)
-                problems += plan.problems + plan.details
-                part.requests += [_as_model_key(r, key) for r in plan.requests]
-                part.sources[key] |= plan.used
-                used |= plan.used
-        order = sorted(groups, key=lambda g: (g == REST, g))
-        return [groups[g] for g in order], used, problems
-
-    def _bounded(self, part: PartPlan, budget: int) -> list[PartPlan]:
-        if part.temporary_bytes(self.logical) <= budget or len(clusters(part)) < 2:
-            return [part]
-        a, b = split_to([part], 2)
-        return self._bounded(a, budget) + self._bounded(b, budget)
-
-    def _agree(self, parts: list[PartPlan]) -> list[PartPlan]:
-        n = max(all_gather_object(len(parts)))  # an object collective: gloo and NCCL alike
-        error = None
-        try:
-            parts = split_to(parts, n)
-        except ValueError as e:
-            error = DestinationError(
-                f"pipeline stages need {n} load parts each, this rank can make only {len(parts)}: {e}",
-                file=str(self.index.path), tensor=None, expected="stages with comparable numbers of tensors",
-                fix="balance the pipeline stages (pipeline.layers_per_stage), or raise max_part_bytes so that "
-                "no stage splits its layers into more parts (streaming_adapters.integrations.nemo.configure)")
-        raise_on_all_ranks(error)
-        return parts
+        self.parts = agree_parts(plan.parts, None, pad=False, path=where)
 
     # -- parts ----------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator:
@@ -248,8 +197,3 @@ class PartsLoad:
         self.stats.ranks = [asdict(s) | {"ranks": None} for s in all_gather_object(self.stats)]
         if self.stats.rank == 0:
             logger.info(self.stats.summary_line())
-
-
-def _as_model_key(request, model_key: str):
-    request.model_key = model_key
-    return request

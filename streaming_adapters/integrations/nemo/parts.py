@@ -22,96 +22,16 @@ reader's chunk scratch (``chunk_bytes``).  The plan itself holds views and small
 
 from __future__ import annotations
 
-import math
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
 
-from ...formats import LogicalTensor
-from ...models.plan import Request
+from ...models.loadplan import REST, PartPlan, clusters, group_of, split_to
 
-# A decoder layer: ``model.layers.3.``, ``model.language_model.layers.0.``, ``layers.3.`` (pipeline stages keep
-# global indices).  Everything else (embeddings, final norm, lm_head, projector) is one group, loaded last.
-LAYER = re.compile(r"^(.*?layers)\.(\d+)\.")
-REST = ("\x7f", -1)
-
-
-def group_of(key: str) -> tuple[str, int]:
-    m = LAYER.match(key)
-    return (m.group(1), int(m.group(2))) if m else REST
-
-
-@dataclass
-class PartPlan:
-    """One load part: the model keys it completes, the checkpoint tensors each maps to (whether or not this
-    rank holds a box of them), and this rank's requests (boxes -> views)."""
-
-    model_keys: list[str]
-    sources: dict[str, set[str]] = field(default_factory=dict)
-    requests: list[Request] = field(default_factory=list)
-
-    @property
-    def ckpt_keys(self) -> set[str]:
-        return set().union(*self.sources.values()) if self.sources else set()
-
-    def temporary_bytes(self, logical: dict[str, LogicalTensor]) -> int:
-        """FP8 code bytes this part allocates on this rank (scales are counted at allocation)."""
-        boxes = {(r.ckpt_key, r.start, r.length) for r in self.requests if logical[r.ckpt_key].quantized}
-        return sum(math.prod(length) * logical[k].stored.itemsize for k, _, length in boxes)
-
-    def subset(self, keys: set[str]) -> PartPlan:
-        return PartPlan([k for k in self.model_keys if k in keys], {k: v for k, v in self.sources.items() if k in keys},
-                        [r for r in self.requests if r.model_key in keys])
-
-
-def clusters(part: PartPlan) -> list[list[str]]:
-    """Model keys that share a checkpoint tensor (a tied ``lm_head`` and the embeddings) stay together: NeMo
-    refuses a checkpoint tensor requested by two parts.  Keys without any source (``_extra_state``) join the
-    first cluster, so every cluster requests at least one tensor."""
-    parent = {k: k for k in part.model_keys}
-
-    def find(k: str) -> str:
-        while parent[k] != k:
-            parent[k] = parent[parent[k]]
-            k = parent[k]
-        return k
-
-    first: dict[str, str] = {}
-    for key in part.model_keys:
-        for c in sorted(part.sources.get(key, ())):
-            if c in first:
-                parent[find(key)] = find(first[c])
-            else:
-                first[c] = key
-    groups: dict[str, list[str]] = {}
-    for key in part.model_keys:
-        groups.setdefault(find(key), []).append(key)
-    with_src = [g for g in groups.values() if any(part.sources.get(k) for k in g)]
-    without = [k for g in groups.values() if not any(part.sources.get(k) for k in g) for k in g]
-    if with_src:
-        with_src[0] = with_src[0] + without
-        return with_src
-    return [without] if without else []
-
-
-def split_to(parts: list[PartPlan], n: int) -> list[PartPlan]:
-    """Split parts (the one with the most model keys first) until there are ``n``: pipeline stages must make
-    the same number of ``dcp.load`` calls.  Raises ``ValueError`` when this rank's parts cannot be split that
-    far (fewer independent tensors than ``n``)."""
-    parts = list(parts)
-    while len(parts) < n:
-        splittable = [(len(p.model_keys), i, cs) for i, p in enumerate(parts) if len(cs := clusters(p)) >= 2]
-        if not splittable:
-            raise ValueError(f"cannot make {n} load parts from {sum(len(p.model_keys) for p in parts)} model tensors")
-        _, i, cs = max(splittable, key=lambda t: t[0])
-        half = len(cs) // 2
-        first = {k for c in cs[:half] for k in c}
-        rest = {k for c in cs[half:] for k in c}
-        parts[i:i + 1] = [parts[i].subset(first), parts[i].subset(rest)]
-    return parts
+# Parts (one decoder layer each, by the family's ``layer_of``), their splitting and the ranks' agreement are
+# the load plan's (``models/loadplan.py``), shared with ``load_fp8_checkpoint``; re-exported here.
+__all__ = ["REST", "BoxDestination", "PartPlan", "TemporaryBoxes", "clusters", "group_of", "split_to"]
 
 
 class BoxDestination(torch.Tensor):
