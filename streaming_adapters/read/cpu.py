@@ -1,0 +1,72 @@
+"""The CPU back end: host destinations, chunk by chunk on the calling thread.
+
+Per chunk: read the codes (``pread`` into one reusable staging buffer, or an mmap view), read only the scale
+blocks the chunk touches, check them, dequantize in global block coordinates into the destination view.
+
+Memory: ``pread`` (the default) stages codes in ONE buffer of at most ``chunk_bytes`` (64 MiB), allocated at
+the first chunk that needs it and grown only up to that bound, never per chunk; ``mmap`` reads page-cache
+views and costs no anonymous memory, but a file truncated while a chunk is being read kills the process with
+SIGBUS (``checkpoint/byteio.py``).  Plus the numerics' sub-chunk scratch (~5 MiB, ``numerics/fp8.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .boxes import Chunk, check_codes, read_scale_window, split_job
+from .executor import FillExecutor, Job
+from ..numerics.fp8 import dequantize_into
+
+
+class CpuExecutor(FillExecutor):
+    """Fills host destinations (any device works, but CUDA destinations belong to ``CudaExecutor``)."""
+
+    overlapped = False
+
+    def __init__(self, io, chunk_bytes: int | None = None) -> None:
+        super().__init__(io, *(() if chunk_bytes is None else (chunk_bytes,)))
+        self._staging: torch.Tensor | None = None
+        self.staging_allocations = 0  # how often the staging buffer was (re)allocated: 1 in a steady load
+        # A byte source that is already host memory (NeMo's temporaries) has no "pread" to stage.
+        self._stages = getattr(io, "backend", "mmap") == "pread"
+
+    def _fill(self, jobs: list[Job]) -> None:
+        for lt, start, length, target in jobs:
+            for c in split_job(lt, start, length, target, max(1, self.chunk_bytes // lt.stored.itemsize)):
+                self._chunk(c)
+
+    def _codes(self, c: Chunk) -> torch.Tensor:
+        start, length = c.stored
+        if not self._stages:
+            return self.io.read(c.lt.stored, start, length)
+        return self.io.read(c.lt.stored, start, length, out=self._staging_for(c.nbytes))
+
+    def _staging_for(self, nbytes: int) -> torch.Tensor:
+        if self._staging is None or self._staging.numel() < nbytes:
+            # Grown by doubling, capped at chunk_bytes (split_job's bound on a chunk): at most
+            # log2(64 MiB / 64 KiB) = 10 allocations in a whole load, usually 1-3, never one per chunk.
+            old = 0 if self._staging is None else self._staging.numel()
+            size = max(nbytes, min(2 * old, self.chunk_bytes))
+            self._staging = None  # free the old buffer before taking the new one
+            self._staging = torch.empty(size, dtype=torch.uint8)
+            self.staging_allocations += 1
+        return self._staging
+
+    def _chunk(self, c: Chunk) -> None:
+        lt = c.lt
+        src = self._codes(c)
+        staged = self._staging.numel() if self._stages else 0
+        if lt.decoder is not None:  # layouts with their own decoder (formats/decoder.py: NVFP4)
+            window, extra = lt.decoder.read_scales(self.io, lt, c.start, c.length)
+            scratch = lt.decoder.decode_into(c.dst, src, window, extra)
+            self.counters.peak(staged + scratch + window.nbytes)
+            return
+        if lt.scale is None:
+            c.dst.copy_(src)
+            self.counters.peak(staged)
+            return
+        lo, scale = read_scale_window(self.io, c, c.dst.dtype)
+        check_codes(src, lt, c.start, self.io.root)
+        scratch = dequantize_into(c.dst, src, scale, c.start, lt.scale.block, lo)
+        self.counters.peak(staged + scratch + scale.nbytes)
+
