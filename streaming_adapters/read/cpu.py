@@ -11,6 +11,8 @@ SIGBUS (``checkpoint/byteio.py``).  Plus the numerics' sub-chunk scratch (~5 MiB
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .boxes import Chunk, check_codes, read_scale_window, split_job
@@ -55,6 +57,7 @@ class CpuExecutor(FillExecutor):
     def _chunk(self, c: Chunk) -> None:
         lt = c.lt
         src = self._codes(c)
+        _test_point("read-chunk")  # tests: a shard truncated between a chunk's read and its dequantization
         staged = self._staging.numel() if self._stages else 0
         if lt.decoder is not None:  # layouts with their own decoder (formats/decoder.py: NVFP4)
             window, extra = lt.decoder.read_scales(self.io, lt, c.start, c.length)
@@ -70,3 +73,12 @@ class CpuExecutor(FillExecutor):
         scratch = dequantize_into(c.dst, src, scale, c.start, lt.scale.block, lo)
         self.counters.peak(staged + scratch + scale.nbytes)
 
+
+
+def _test_point(name: str) -> None:
+    """``convert/staging.kill_point`` when a test set ``$STREAMING_ADAPTERS_TEST_KILL_AT`` (one dict lookup
+    per chunk otherwise, ~0.1 us against a chunk's milliseconds); imported late: convert imports this package."""
+    if "STREAMING_ADAPTERS_TEST_KILL_AT" in os.environ:
+        from ..convert.staging import kill_point
+
+        kill_point(name)
