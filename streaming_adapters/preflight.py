@@ -7,7 +7,7 @@ fit is refused with the layouts of the same world size that would.
 
 Memory model (what a load allocates on top of the process baseline):
   CPU destination:  shard + transient (the numerics' sub-chunk scratch, ~5 MiB; pread, the default: + the
-                    one staging buffer, at most min(chunk_bytes, 2 x the largest chunk): read/cpu.py)
+                    one staging buffer, at most min(chunk_bytes, the largest box): read/cpu.py)
   CUDA destination: GPU shard + the pipeline's device staging ring (3 x 32 MiB; the Triton kernel needs
                     no scratch); host: its pinned ring (8 x 32 MiB)
 Conversion: the rank's BF16 share of its largest step + its NVFP4 output of one piece + chunk.
@@ -128,8 +128,8 @@ def plan_load(index: CheckpointIndex, adapter: StreamingFP8StateDictAdapter, lay
             rp.gpu_bytes = rp.shard_bytes + rp.transient_bytes
             rp.host_bytes = DEFAULT_HOST_DEPTH * piece
         else:
-            # pread: the CPU executor's staging buffer grows by doubling up to chunk_bytes (read/cpu.py).
-            rp.transient_bytes = CPU_SCRATCH + (min(chunk_bytes, 2 * chunk) if io_backend == "pread" else 0)
+            # pread (the default): the CPU executor's one staging buffer, its largest chunk (read/cpu.py).
+            rp.transient_bytes = CPU_SCRATCH + (chunk if io_backend == "pread" else 0)
             rp.host_bytes = rp.shard_bytes + rp.transient_bytes
         ranks.append(rp)
     naive = sum(_bf16_bytes(lt, lt.shape) for lt in logical.values())

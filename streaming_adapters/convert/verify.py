@@ -185,7 +185,7 @@ def _check_tensor(name, lt, filler: CpuExecutor, oio: BoxReader, out_idx: Checkp
     for r0 in range(0, n_rows, step):
         r = min(step, n_rows - r0)
         ref = torch.empty((r, k), dtype=torch.bfloat16)
-        filler.fill(lt, (r0, 0), (r, k), ref)
+        filler.fill([(lt, (r0, 0), (r, k), ref)])
         p = oio.read(packed, (r0, 0), (r, k // 2))
         sc = oio.read(scale, (r0, 0), (r, k // 16))
         got = nvfp4.dequantize_ct(p, sc, gs) if fmt == "compressed-tensors" else nvfp4.dequantize_modelopt(p, sc, gs)

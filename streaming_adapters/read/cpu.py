@@ -3,8 +3,8 @@
 Per chunk: read the codes (``pread`` into one reusable staging buffer, or an mmap view), read only the scale
 blocks the chunk touches, check them, dequantize in global block coordinates into the destination view.
 
-Memory: ``pread`` (the default) stages codes in ONE buffer of at most ``chunk_bytes`` (64 MiB), allocated at
-the first chunk that needs it and grown only up to that bound, never per chunk; ``mmap`` reads page-cache
+Memory: ``pread`` (the default) stages codes in ONE buffer of at most ``chunk_bytes`` (64 MiB): sized for the
+largest chunk of a :meth:`fill` call before its first read and reused by every chunk, never one per chunk; ``mmap`` reads page-cache
 views and costs no anonymous memory, but a file truncated while a chunk is being read kills the process with
 SIGBUS (``checkpoint/byteio.py``).  Plus the numerics' sub-chunk scratch (~5 MiB, ``numerics/fp8.py``).
 """
@@ -33,9 +33,11 @@ class CpuExecutor(FillExecutor):
         self._stages = getattr(io, "backend", "mmap") == "pread"
 
     def _fill(self, jobs: list[Job]) -> None:
-        for lt, start, length, target in jobs:
-            for c in split_job(lt, start, length, target, max(1, self.chunk_bytes // lt.stored.itemsize)):
-                self._chunk(c)
+        chunks = [c for lt, s, n, t in jobs for c in split_job(lt, s, n, t, max(1, self.chunk_bytes // lt.stored.itemsize))]
+        if self._stages and chunks:
+            self._staging_for(max(c.nbytes for c in chunks))  # once per call, sized for its largest chunk
+        for c in chunks:
+            self._chunk(c)
 
     def _codes(self, c: Chunk) -> torch.Tensor:
         start, length = c.stored
@@ -45,12 +47,10 @@ class CpuExecutor(FillExecutor):
 
     def _staging_for(self, nbytes: int) -> torch.Tensor:
         if self._staging is None or self._staging.numel() < nbytes:
-            # Grown by doubling, capped at chunk_bytes (split_job's bound on a chunk): at most
-            # log2(64 MiB / 64 KiB) = 10 allocations in a whole load, usually 1-3, never one per chunk.
-            old = 0 if self._staging is None else self._staging.numel()
-            size = max(nbytes, min(2 * old, self.chunk_bytes))
+            # Exactly the largest chunk of the fill call (<= chunk_bytes, split_job's bound), so that the
+            # pre-flight's estimate (min(chunk_bytes, the largest box), preflight.py) is a true bound.
             self._staging = None  # free the old buffer before taking the new one
-            self._staging = torch.empty(size, dtype=torch.uint8)
+            self._staging = torch.empty(nbytes, dtype=torch.uint8)
             self.staging_allocations += 1
         return self._staging
 
