@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from .boxes import Chunk, check_codes, read_scale_window, split_job
+from .boxes import DEFAULT_CHUNK_BYTES, Chunk, check_codes, read_scale_window, split_job
 from .executor import FillExecutor, Job
 from ..numerics.fp8 import dequantize_into
 
@@ -25,15 +25,16 @@ class CpuExecutor(FillExecutor):
 
     overlapped = False
 
-    def __init__(self, io, chunk_bytes: int | None = None) -> None:
-        super().__init__(io, *(() if chunk_bytes is None else (chunk_bytes,)))
+    def __init__(self, io, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
+        super().__init__(io, chunk_bytes)
         self._staging: torch.Tensor | None = None
         self.staging_allocations = 0  # how often the staging buffer was (re)allocated: 1 in a steady load
         # A byte source that is already host memory (NeMo's temporaries) has no "pread" to stage.
         self._stages = getattr(io, "backend", "mmap") == "pread"
 
     def _fill(self, jobs: list[Job]) -> None:
-        chunks = [c for lt, s, n, t in jobs for c in split_job(lt, s, n, t, max(1, self.chunk_bytes // lt.stored.itemsize))]
+        chunks = [c for lt, s, n, t in jobs
+                  for c in split_job(lt, s, n, t, max(1, self.chunk_bytes // lt.stored.itemsize))]
         if self._stages and chunks:
             self._staging_for(max(c.nbytes for c in chunks))  # once per call, sized for its largest chunk
         for c in chunks:
@@ -72,7 +73,6 @@ class CpuExecutor(FillExecutor):
         check_codes(src, lt, c.start, self.io.root)
         scratch = dequantize_into(c.dst, src, scale, c.start, lt.scale.block, lo)
         self.counters.peak(staged + scratch + scale.nbytes)
-
 
 
 def _test_point(name: str) -> None:
