@@ -389,7 +389,7 @@ def _read_step(plan, step, rank, filler, staged, dev, budget, amax, unit_of, hel
         start = (piece.r0,) + (0,) * (len(lt.shape) - 1)
         length = (piece.r1 - piece.r0,) + tuple(lt.shape[1:])
         if not lt.shape:  # 0-dim plain tensor
-            staged.pwrite(*plan.location(outs[0])[:2], _bytes(filler.io.read(lt.stored)))
+            staged.pwrite(*plan.location(outs[0])[:2], _bytes(filler.read_stored(lt)))
             continue
         nbytes = 2 * math.prod(length)
         over = held_bytes + nbytes > budget
@@ -397,7 +397,7 @@ def _read_step(plan, step, rank, filler, staged, dev, budget, amax, unit_of, hel
             # Streamed: chunk by chunk, never holding the piece.
             for s, n in iter_subboxes(start, length, max_elems):
                 if outs[0].role == "copy":
-                    data = filler.io.read(lt.stored, s, n)
+                    data = filler.read_stored(lt, s, n)
                 else:
                     data = torch.empty(n, dtype=torch.bfloat16, device=dev)
                     filler.fill([(lt, s, n, data)])

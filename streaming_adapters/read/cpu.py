@@ -11,6 +11,7 @@ SIGBUS (``checkpoint/byteio.py``).  Plus the numerics' sub-chunk scratch (~5 MiB
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -45,6 +46,15 @@ class CpuExecutor(FillExecutor):
         if not self._stages:
             return self.io.read(c.lt.stored, start, length)
         return self.io.read(c.lt.stored, start, length, out=self._staging_for(c.nbytes))
+
+    def read_stored(self, lt, start=None, length=None) -> torch.Tensor:
+        """pread: into the staging buffer when the box fits ``chunk_bytes`` (no allocation per call)."""
+        start = tuple(start) if start is not None else (0,) * len(lt.stored.shape)
+        length = tuple(length) if length is not None else tuple(lt.stored.shape)
+        nbytes = math.prod(length) * lt.stored.itemsize
+        if not self._stages or nbytes > self.chunk_bytes:
+            return self.io.read(lt.stored, start, length)
+        return self.io.read(lt.stored, start, length, out=self._staging_for(nbytes))
 
     def _staging_for(self, nbytes: int) -> torch.Tensor:
         if self._staging is None or self._staging.numel() < nbytes:

@@ -80,6 +80,11 @@ class FillExecutor(abc.ABC):
     def _fill(self, jobs: list[Job]) -> None:
         """Fill checked jobs."""
 
+    def read_stored(self, lt, start: tuple[int, ...] | None = None, length: tuple[int, ...] | None = None):
+        """The stored bytes of a box of a plain (unquantized) tensor as a host tensor, for copying them
+        as they are (conversion's "copy" outputs).  Valid until the next call on this executor."""
+        return self.io.read(lt.stored, start, length)
+
     # Report counters, as attributes (what reports and the deprecated BoxFiller / GpuPipeline exposed).
     @property
     def tensors(self) -> int:
