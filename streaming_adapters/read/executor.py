@@ -86,21 +86,11 @@ class FillExecutor(abc.ABC):
         return self.io.read(lt.stored, start, length)
 
     # Report counters, as attributes (what reports and the deprecated BoxFiller / GpuPipeline exposed).
-    @property
-    def tensors(self) -> int:
-        return self.counters.tensors
-
-    @property
-    def quantized(self) -> int:
-        return self.counters.quantized
-
-    @property
-    def bytes_read(self) -> int:
-        return self.counters.bytes_read
-
-    @property
-    def peak_transient_bytes(self) -> int:
-        return self.counters.peak_transient_bytes
+    tensors = property(lambda self: self.counters.tensors, doc="jobs filled")
+    quantized = property(lambda self: self.counters.quantized, doc="jobs of FP8 (scaled) tensors")
+    bytes_read = property(lambda self: self.counters.bytes_read, doc="bytes read from the source by fills")
+    peak_transient_bytes = property(lambda self: self.counters.peak_transient_bytes,
+                                    doc="the largest transient (staging + scratch) of any chunk")
 
     def timings(self) -> dict[str, float]:
         with self.counters._lock:
