@@ -72,8 +72,9 @@ class ParallelConfig:
 
 @dataclass
 class IOConfig:
-    backend: str = "mmap"
-    """mmap (page-cache views, default) or pread (exact byte reads, no readahead; for network file systems)."""
+    backend: str = "pread"
+    """pread (default: exact byte reads, no readahead, one reusable chunk buffer) or mmap (page-cache views, no
+    buffer; a shard truncated during the load can kill the process with SIGBUS)."""
     chunk_mb: int = 64
     """Most FP8 code bytes in flight per rank, whatever the tensor size."""
     readers: int = 8

@@ -29,7 +29,7 @@ from .checkpoint.coverage import check_coverage
 from .dist import all_gather_object, is_dist, raise_gathered, raise_on_all_ranks, rank_and_world
 from .errors import CheckpointError, DestinationError
 from .formats import get_adapter
-from .fill import DEFAULT_CHUNK_BYTES, FLOAT_DESTINATIONS
+from .read import DEFAULT_BACKEND, DEFAULT_CHUNK_BYTES, FLOAT_DESTINATIONS
 from .reader import StreamingFP8StorageReader
 from .report import LoadReport, MemoryMonitor, RankStats
 
@@ -41,7 +41,7 @@ def load_fp8_state_dict(
     process_group: dist.ProcessGroup | None = None,
     strict: bool = True,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    io_backend: str = "mmap",
+    io_backend: str = DEFAULT_BACKEND,
     gpu_pipeline: bool | str = "auto",
     readers: int = 8,
     verbose: bool = False,
@@ -57,9 +57,12 @@ def load_fp8_state_dict(
         strict: a requested key missing from the checkpoint is an error (else it is skipped and listed in
             ``report.missing``).
         chunk_bytes: the most FP8 code bytes in flight per rank, whatever the tensor size.
-        io_backend: ``"mmap"`` (page-cache views) or ``"pread"`` (exact byte reads, no readahead).
+        io_backend: ``"pread"`` (default: exact byte reads, no readahead, one reusable staging buffer of
+            ``chunk_bytes``) or ``"mmap"`` (page-cache views, no staging buffer; a shard truncated during
+            the load can kill the process with SIGBUS).
         gpu_pipeline / readers: CUDA destinations overlap reads (``readers`` threads), host-to-device
-            copies and dequantization (``streaming_adapters.pipeline``); ``True`` forces it on CPU.
+            copies and dequantization (``streaming_adapters.read.CudaExecutor``); ``True`` forces it on
+            CPU; ``False`` runs it with one reader and one slot (no overlap).
         verbose: print the summary line on rank 0.
 
     Returns:

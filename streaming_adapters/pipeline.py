@@ -1,246 +1,40 @@
-"""The GPU load pipeline: disk reads, host-to-device copies and dequantization overlapped.
-
-For CUDA destinations every box is cut into chunks (``chunk_bytes`` of stored bytes) and each chunk goes
-through three stages that run concurrently on different chunks::
-
-    reader threads      pread / mmap copy of the chunk's bytes into a pinned host buffer   (disk, page cache)
-    copy stream         pinned buffer -> device staging buffer, non_blocking                 (PCIe: ~55 GB/s)
-    compute stream      Triton dequant (or a copy for plain tensors) into the destination    (HBM)
-
-``host_depth`` pinned buffers and ``depth`` device buffers form two rings; a host buffer is reused once its
-H2D copy has finished (an event), a device buffer once the kernel that read it has finished.  Several
-reader threads keep several reads in flight (what a cold NVMe or a network file system needs to reach its
-bandwidth: one synchronous read stream got ~1/3 of the disk's 4.6 GB/s on the GPU host).
-
-Memory (per rank): host ``host_depth x chunk`` pinned (8 x 32 MiB = 256 MiB), GPU ``depth x chunk``
-staging (3 x 32 MiB = 96 MiB) plus the scale windows; nothing proportional to a tensor.  On CPU destinations this module
-is not used: the mmap views and the LUT path are already zero-copy.
-"""
+"""Deprecated: the GPU pipeline is ``streaming_adapters.read.CudaExecutor`` (chosen by ``make_executor``).
+``GpuPipeline``, ``Chunk`` and ``split_box`` are kept for users."""
 
 from __future__ import annotations
 
-import contextlib
-import math
-import queue
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+import warnings
 
 import torch
 
-from .checkpoint.byteio import BoxReader, runs_of_box
+from .read.boxes import Chunk, check_destination, split_job
+from .read.cuda import DEFAULT_DEPTH, DEFAULT_HOST_DEPTH, DEFAULT_PIPELINE_CHUNK, DEFAULT_READERS, CudaExecutor
 from .formats import LogicalTensor
-from .numerics.fp8 import block_window, decode_scales, dequantize_into
-
-DEFAULT_DEPTH = 3         # device staging slots: 3 x 32 MiB on the GPU
-DEFAULT_HOST_DEPTH = 8    # pinned slots: up to 8 reads in flight (8 x 32 MiB pinned host memory)
-DEFAULT_PIPELINE_CHUNK = 32 << 20
-DEFAULT_READERS = 8  # 2xH200, 8 Llama-70B layers, TP=2, cold: 5.19 s with 8 readers, 5.67 s with 4
-
-
-@dataclass
-class Chunk:
-    lt: LogicalTensor
-    start: tuple[int, ...]
-    length: tuple[int, ...]
-    dst: torch.Tensor          # a view of the destination (device tensor)
-
-    @property
-    def stored(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """The chunk's box in the stored tensor (the decoder's coordinates for NVFP4)."""
-        return self.lt.decoder.stored_box(self.start, self.length) if self.lt.decoder else (self.start, self.length)
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.stored[1]) * self.lt.stored.itemsize
 
 
 def split_box(lt: LogicalTensor, start, length, target: torch.Tensor, max_elems: int) -> list[Chunk]:
-    from .fill import _narrow, iter_subboxes
-
-    out = []
-    split = lt.decoder.split if lt.decoder is not None else iter_subboxes
-    if lt.decoder is not None:
-        max_elems *= lt.decoder.elems_per_stored  # max_elems counts stored elements (bytes of the staging slot)
-    for s, n in split(tuple(start), tuple(length), max_elems):
-        out.append(Chunk(lt, s, n, _narrow(target, tuple(a - b for a, b in zip(s, start)), n)))
-    return out
+    """Deprecated name of :func:`streaming_adapters.read.split_job` (checks the destination first)."""
+    check_destination(lt, start, length, target)
+    return split_job(lt, start, length, target, max_elems)
 
 
-class GpuPipeline:
-    """Runs a list of chunks to completion on one CUDA device, overlapping the three stages."""
+class GpuPipeline(CudaExecutor):
+    """Deprecated name of :class:`streaming_adapters.read.CudaExecutor`; ``run(split_box(...))`` still works,
+    ``fill(jobs)`` is the API."""
 
-    def __init__(self, io: BoxReader, device: torch.device, *, chunk_bytes: int = DEFAULT_PIPELINE_CHUNK,
-                 depth: int = DEFAULT_DEPTH, host_depth: int = DEFAULT_HOST_DEPTH,
-                 readers: int = DEFAULT_READERS) -> None:
-        self.io = io
-        self.device = device
-        self.chunk_bytes = chunk_bytes
-        self.depth = depth
-        self.host_depth = max(host_depth, depth)
-        self.readers = readers
-        self.peak_transient_bytes = 0
-        self.chunks = 0
-        # Where the time goes (seconds): summed over reader threads / spent by the issuing thread.
-        self.read_s = 0.0          # reader threads inside reads
-        self.wait_read_s = 0.0     # issuing thread waiting for a read (the disk is the bottleneck)
-        self.wait_copy_s = 0.0     # issuing thread waiting for a host buffer's H2D copy to finish
-        self.issue_s = 0.0         # issuing thread enqueuing copies and kernels
+    def __init__(self, *args, **kwargs) -> None:
+        warnings.warn("streaming_adapters.pipeline.GpuPipeline is deprecated: use streaming_adapters.read",
+                      DeprecationWarning, stacklevel=2)
+        super().__init__(*args, **kwargs)
 
-    def timings(self) -> dict[str, float]:
-        return {"read_s": self.read_s, "wait_read_s": self.wait_read_s, "wait_copy_s": self.wait_copy_s,
-                "issue_s": self.issue_s, "chunks": self.chunks}
+    @property
+    def chunks(self) -> int:
+        return int(self.timings()["chunks"])
 
-    def max_elems(self, itemsize: int) -> int:
-        return max(1, self.chunk_bytes // itemsize)
-
-    def run(self, chunks: list[Chunk]) -> None:
-        if not chunks:
-            return
-        dev = self.device
-        cuda = dev.type == "cuda"
-        size = max(c.nbytes for c in chunks)
-        nscale = max(_scale_elems(c) for c in chunks)
-        # Host ring (reads in flight) deeper than the device ring (copies + kernels in flight): the readers
-        # must never idle while the issuing thread is busy (on the 2xH200 host, with one ring of 4 the
-        # readers were busy only 55% of the load).
-        n_host = min(self.host_depth, len(chunks))
-        n_dev = min(self.depth, len(chunks))
-        host = [torch.empty(size, dtype=torch.uint8, pin_memory=cuda) for _ in range(n_host)]
-        devbuf = [torch.empty(size, dtype=torch.uint8, device=dev) for _ in range(n_dev)]
-        # Scale windows travel beside their codes: decoded to fp32 by the reader thread, copied on the copy
-        # stream (a synchronous small copy would stall the host on the compute stream every chunk).
-        hscale = [torch.empty(max(1, nscale), dtype=torch.float32, pin_memory=cuda) for _ in host]
-        dscale = [torch.empty(max(1, nscale), dtype=torch.float32, device=dev) for _ in devbuf]
-        # On a CPU "device" (tests of this logic without a GPU) streams and events are no-ops.
-        copy_stream = torch.cuda.Stream(dev) if cuda else _NoStream()
-        compute = torch.cuda.current_stream(dev) if cuda else _NoStream()
-        copied = [torch.cuda.Event() if cuda else _NoEvent() for _ in host]      # H2D done: host slot free
-        consumed = [torch.cuda.Event() if cuda else _NoEvent() for _ in devbuf]  # kernel done: device slot free
-        free: queue.Queue[int] = queue.Queue()
-        for i in range(n_host):
-            free.put(i)
-        self.peak_transient_bytes = max(self.peak_transient_bytes, (n_host + n_dev) * size)
-        pool = ThreadPoolExecutor(self.readers, thread_name_prefix="sa-read")
-        pending: list[tuple[Chunk, int, Future]] = []
-        it = iter(chunks)
-        error: list[BaseException] = []
-
-        def submit() -> bool:
-            c = next(it, None)
-            if c is None:
-                return False
-            slot = free.get()
-            t = time.perf_counter()
-            copied[slot].synchronize()  # its last H2D copy has finished reading the pinned buffer
-            self.wait_copy_s += time.perf_counter() - t
-            pending.append((c, slot, pool.submit(self._read, c, host[slot], hscale[slot])))
-            return True
-
-        try:
-            for _ in host:
-                if not submit():
-                    break
-            k = 0
-            while pending:
-                c, slot, fut = pending.pop(0)
-                t = time.perf_counter()
-                window = fut.result()  # re-raises a read error here, on the calling thread
-                t1 = time.perf_counter()
-                self.wait_read_s += t1 - t
-                n, ns = c.nbytes, _scale_elems(c)
-                d = k % n_dev
-                k += 1
-                with torch.cuda.stream(copy_stream) if cuda else contextlib.nullcontext():
-                    copy_stream.wait_event(consumed[d])  # the kernel that read devbuf[d] is done
-                    devbuf[d][:n].copy_(host[slot][:n], non_blocking=True)
-                    if ns:
-                        dscale[d][:ns].copy_(hscale[slot][:ns], non_blocking=True)
-                    copied[slot].record(copy_stream)
-                compute.wait_event(copied[slot])
-                self._compute(c, devbuf[d][:n], dscale[d][:ns], window)
-                consumed[d].record(compute)
-                self.issue_s += time.perf_counter() - t1
-                self.chunks += 1
-                free.put(slot)
-                submit()
-        except BaseException as e:  # noqa: BLE001 -- stop the readers, then raise
-            error.append(e)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            compute.synchronize()
-        if error:
-            raise error[0]
-
-    # -- stages --------------------------------------------------------------------------------------
-    def _read(self, c: Chunk, buf: torch.Tensor, sbuf: torch.Tensor):
-        """Reader thread: the chunk's bytes into the pinned buffer, its scale window (checked, fp32) into
-        the pinned scale buffer.  Returns the window's first block index.  The GIL is released by the
-        reads and copies."""
-        t0 = time.perf_counter()
-        info = c.lt.stored
-        start, length = c.stored
-        run, _, offs = runs_of_box(info.shape, start, length, info.itemsize)
-        if self.io.backend == "pread" or len(offs) == 1 or run >= (64 << 10):
-            # Contiguous chunks (row ranges) and long runs: preads into the pinned buffer.  On the 2xH200
-            # host, copies out of an mmap into pinned memory ran at half the disk's cold read speed.
-            self.io.read_into(info, start, length, buf)
-        else:  # many short runs (a row-parallel shard of a narrow matrix): page-cache views, one copy
-            src = self.io.read(info, start, length)
-            buf[: c.nbytes].view(info.torch_dtype).view(length).copy_(src)
-        if c.lt.decoder is not None:  # its own scale window (fp32-exact values) and extra (a global scale)
-            window, extra = c.lt.decoder.read_scales(self.io, c.lt, c.start, c.length)
-            sbuf[: window.numel()].view(window.shape).copy_(window)
-            self.read_s += time.perf_counter() - t0
-            return None, tuple(window.shape), extra
-        if c.lt.scale is None:
-            self.read_s += time.perf_counter() - t0
-            return None
-        from .fill import _check_codes, _check_finite
-
-        _check_codes(buf[: c.nbytes].view(info.torch_dtype).view(c.length), c.lt, c.start, self.io.root)
-        lo, hi = block_window(c.start, c.length, c.lt.scale.block)
-        shape = tuple(h - l for h, l in zip(hi, lo))
-        scale = decode_scales(self.io.read(c.lt.scale.tensor, lo, shape), c.lt.scale.encoding)
-        _check_finite(scale, c.lt, lo, self.io.root, c.dst.dtype)
-        sbuf[: scale.numel()].view(shape).copy_(scale)
-        self.read_s += time.perf_counter() - t0
-        return lo, shape
-
-    def _compute(self, c: Chunk, raw: torch.Tensor, scale: torch.Tensor, window) -> None:
-        src = raw.view(c.lt.stored.torch_dtype).view(c.stored[1])
-        if c.lt.scale is None:
-            c.dst.copy_(src, non_blocking=True)
-            return
-        if c.lt.decoder is not None:
-            _, shape, extra = window
-            c.lt.decoder.decode_into(c.dst, src, scale.view(shape), extra)
-            return
-        lo, shape = window
-        dequantize_into(c.dst, src, scale.view(shape), c.start, c.lt.scale.block, lo)
+    @property
+    def read_s(self) -> float:
+        return self.timings()["read_s"]
 
 
-class _NoStream:
-    def wait_event(self, event) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-
-class _NoEvent:
-    def record(self, stream=None) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-
-def _scale_elems(c: Chunk) -> int:
-    if c.lt.scale is None:
-        return 0
-    lo, hi = block_window(c.start, c.length, c.lt.scale.block)
-    return math.prod(h - l for h, l in zip(hi, lo))
-
-
-__all__ = ["Chunk", "GpuPipeline", "split_box"]
+__all__ = ["Chunk", "DEFAULT_DEPTH", "DEFAULT_HOST_DEPTH", "DEFAULT_PIPELINE_CHUNK", "DEFAULT_READERS",
+           "GpuPipeline", "split_box"]

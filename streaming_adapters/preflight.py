@@ -6,7 +6,8 @@ fills, the transient budget, and the memory it needs on host and GPU.  Beside it
 fit is refused with the layouts of the same world size that would.
 
 Memory model (what a load allocates on top of the process baseline):
-  CPU destination:  shard + transient (mmap: the numerics' sub-chunk scratch, ~5 MiB; pread: + chunk)
+  CPU destination:  shard + transient (the numerics' sub-chunk scratch, ~5 MiB; pread, the default: + the
+                    one staging buffer, at most min(chunk_bytes, the largest box): read/cpu.py)
   CUDA destination: GPU shard + the pipeline's device staging ring (3 x 32 MiB; the Triton kernel needs
                     no scratch); host: its pinned ring (8 x 32 MiB)
 Conversion: the rank's BF16 share of its largest step + its NVFP4 output of one piece + chunk.
@@ -24,7 +25,7 @@ from .formats import LogicalTensor, StreamingFP8StateDictAdapter
 from .layouts import Layout, counts, local_box
 from .models.families import get_family
 from .numerics.fp8 import CPU_SUBCHUNK_ELEMS, block_window
-from .pipeline import DEFAULT_DEPTH, DEFAULT_HOST_DEPTH, DEFAULT_PIPELINE_CHUNK
+from .read import DEFAULT_BACKEND, DEFAULT_DEPTH, DEFAULT_HOST_DEPTH, DEFAULT_PIPELINE_CHUNK
 from .report import _fmt_bytes
 
 GiB = 1 << 30
@@ -101,7 +102,7 @@ def _read_bytes(lt: LogicalTensor, start, length) -> int:
 
 
 def plan_load(index: CheckpointIndex, adapter: StreamingFP8StateDictAdapter, layout: Layout, *,
-              device: str = "cpu", chunk_bytes: int = 64 << 20, io_backend: str = "mmap",
+              device: str = "cpu", chunk_bytes: int = 64 << 20, io_backend: str = DEFAULT_BACKEND,
               host_capacity: float | None = None, gpu_capacity: float | None = None,
               suggest: bool = True) -> Preflight:
     logical = adapter.plan.logical
@@ -122,12 +123,13 @@ def plan_load(index: CheckpointIndex, adapter: StreamingFP8StateDictAdapter, lay
         chunk = min(chunk_bytes, largest)
         if device == "cuda":
             # The GPU pipeline: device staging ring (codes; the Triton kernel needs no scratch) on the GPU,
-            # the pinned ring on the host (pipeline.py).
+            # the pinned ring on the host (read/cuda.py).
             piece = min(chunk, DEFAULT_PIPELINE_CHUNK)
             rp.transient_bytes = DEFAULT_DEPTH * piece
             rp.gpu_bytes = rp.shard_bytes + rp.transient_bytes
             rp.host_bytes = DEFAULT_HOST_DEPTH * piece
         else:
+            # pread (the default): the CPU executor's one staging buffer, its largest chunk (read/cpu.py).
             rp.transient_bytes = CPU_SCRATCH + (chunk if io_backend == "pread" else 0)
             rp.host_bytes = rp.shard_bytes + rp.transient_bytes
         ranks.append(rp)

@@ -7,15 +7,17 @@ Used with DCP's default planner:
   asked for (``include_hidden``);
 * the planner turns every local shard of every DTensor into ``ReadItem`` boxes in global coordinates
   (uneven shards and FSDP-over-TP ``_StridedShard`` are resolved by DTensor before we see them);
-* ``read_data`` fills each box: read the FP8 codes of the box (or of one chunk of it), read only the scale
-  blocks that chunk touches, dequantize in global block coordinates into ``planner.resolve_tensor(item)``
-  -- a view of the rank's own shard storage.  CUDA destinations get the FP8 bytes on the GPU and are
-  dequantized there.
+* ``read_data`` hands every box to the read core (``streaming_adapters/read``: ``make_executor`` picks the
+  CPU or CUDA executor per destination device), which reads the FP8 codes chunk by chunk, reads only the
+  scale blocks each chunk touches, and dequantizes in global block coordinates into
+  ``planner.resolve_tensor(item)`` -- a view of the rank's own shard storage.  CUDA destinations get the FP8
+  bytes on the GPU and are dequantized there.
 
 Memory model (per rank): no full-tensor or full-model temporary.  A box is processed in chunks of at most
-``chunk_bytes`` of codes; on CPU with the mmap backend the codes are page-cache views (no anonymous
-memory) and the dequantization scratch is one sub-chunk (~5 MiB); with ``pread`` or a CUDA destination the
-chunk's codes are staged once (1 byte/element) and the GPU scratch is bounded by the chunk.
+``chunk_bytes`` of codes; on CPU with ``pread`` (the default) the codes are staged in one reusable buffer
+of at most ``chunk_bytes``, with ``mmap`` they are page-cache views (no anonymous memory, but SIGBUS if a
+shard shrinks mid-read); the dequantization scratch is one sub-chunk (~5 MiB).  CUDA destinations: the
+pipeline's pinned and device rings (``read/cuda.py``).
 
 DCP contract (what torch's own ``HuggingFaceStorageReader`` promises, kept here):
 
@@ -57,8 +59,7 @@ from torch.futures import Future
 from .checkpoint.byteio import BoxReader
 from .checkpoint.index import CheckpointIndex, ShardedTensorInfo
 from .errors import CheckpointError
-from .fill import DEFAULT_CHUNK_BYTES, BoxFiller
-from .pipeline import DEFAULT_PIPELINE_CHUNK, GpuPipeline, split_box
+from .read import DEFAULT_BACKEND, DEFAULT_CHUNK_BYTES, CudaExecutor, FillExecutor, make_executor
 from .formats import LogicalTensor, StreamingFP8StateDictAdapter, get_adapter
 
 
@@ -88,10 +89,12 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
         path: checkpoint folder.
         index / adapter: already-opened headers and adapter (opened from ``path`` when omitted).
         chunk_bytes: the most FP8 code bytes processed at once, whatever the tensor size.
-        io_backend: ``"mmap"`` or ``"pread"`` (see ``checkpoint/byteio.py``).
+        io_backend: ``"pread"`` (default) or ``"mmap"`` (see ``checkpoint/byteio.py``; a shard truncated
+            during a load under ``mmap`` can kill the process with SIGBUS).
         include_hidden: ``True`` to expose every scale / activation-scale key, or a set of names.
-        gpu_pipeline: CUDA destinations go through :class:`~streaming_adapters.pipeline.GpuPipeline`
-            (``"auto"``); ``True`` forces it on CPU too (tests of its logic), ``False`` disables it.
+        gpu_pipeline: how :func:`~streaming_adapters.read.make_executor` fills CUDA destinations: the
+            overlapped pipeline (``"auto"``); ``True`` forces it on CPU too (tests of its logic), ``False``
+            runs it with one reader and one slot per ring (no overlap).
         readers: reader threads of the pipeline (reads in flight).
     """
 
@@ -102,7 +105,7 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
         index: CheckpointIndex | None = None,
         adapter: StreamingFP8StateDictAdapter | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        io_backend: str = "mmap",
+        io_backend: str = DEFAULT_BACKEND,
         include_hidden: bool | set[str] = False,
         gpu_pipeline: bool | str = "auto",
         readers: int = 8,
@@ -195,33 +198,31 @@ class StreamingFP8StorageReader(HuggingFaceStorageReader):
         items = sorted(plan.items, key=lambda it: (source[it.storage_index].stored.file,
                                                    source[it.storage_index].stored.begin, tuple(it.storage_offsets)))
         with BoxReader(self.index.path, self.io_backend) as io:
-            filler = BoxFiller(io, self.chunk_bytes)
-            pipe, chunks, done = None, [], []
+            # One executor per destination device (make_executor chooses the back end), each filling all
+            # of its boxes in one call: the CUDA pipeline overlaps them all.
+            executors: dict[torch.device, FillExecutor] = {}
+            jobs: dict[torch.device, list] = {}
+            done = []
             for item in items:
-                lt = source[item.storage_index]
                 target = planner.resolve_tensor(item).detach()
-                start, length = tuple(item.storage_offsets), tuple(item.lengths)
-                if self.gpu_pipeline is True or (self.gpu_pipeline == "auto" and target.is_cuda):
-                    filler.check(lt, length, target, start)
-                    if pipe is None:
-                        pipe = GpuPipeline(io, target.device, chunk_bytes=min(self.chunk_bytes, DEFAULT_PIPELINE_CHUNK),
-                                           readers=self.readers)
-                    chunks += split_box(lt, start, length, target, pipe.max_elems(lt.stored.itemsize))
-                    done.append((item, target))
-                else:
-                    filler.fill(lt, start, length, target)
-                    planner.commit_tensor(item, target)
-            if pipe is not None:
-                pipe.run(chunks)
-                for k, v in pipe.timings().items():
-                    self.timings[k] = self.timings.get(k, 0) + v
-                for item, target in done:
-                    planner.commit_tensor(item, target)
-                self.peak_transient_bytes = max(self.peak_transient_bytes, pipe.peak_transient_bytes)
+                if target.device not in executors:
+                    executors[target.device] = make_executor(io, target.device, chunk_bytes=self.chunk_bytes,
+                                                             gpu_pipeline=self.gpu_pipeline, readers=self.readers)
+                    jobs[target.device] = []
+                jobs[target.device].append((source[item.storage_index], tuple(item.storage_offsets),
+                                            tuple(item.lengths), target))
+                done.append((item, target))
+            for device, ex in executors.items():
+                ex.fill(jobs[device])
+                if isinstance(ex, CudaExecutor):
+                    for k, v in ex.timings().items():
+                        self.timings[k] = self.timings.get(k, 0) + v
+                self.tensors_read += ex.tensors
+                self.quantized_read += ex.quantized
+                self.peak_transient_bytes = max(self.peak_transient_bytes, ex.peak_transient_bytes)
+            for item, target in done:
+                planner.commit_tensor(item, target)
             self.bytes_read += io.bytes_read
-            self.tensors_read += filler.tensors
-            self.quantized_read += filler.quantized
-            self.peak_transient_bytes = max(self.peak_transient_bytes, filler.peak_transient_bytes)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut

@@ -22,7 +22,7 @@ from streaming_adapters.checkpoint.byteio import BoxReader
 from streaming_adapters.checkpoint.index import CheckpointIndex
 from streaming_adapters.convert import convert_checkpoint
 from streaming_adapters.errors import AlreadyNVFP4Error, MissingScaleError, ScaleLayoutError, UnknownFormatError
-from streaming_adapters.fill import BoxFiller
+from streaming_adapters.read import CpuExecutor
 from streaming_adapters.formats import get_adapter
 from streaming_adapters.testing.dist_pool import ProcessGroupPool
 
@@ -98,15 +98,15 @@ def test_boxes_on_block_columns_and_any_rows(random_ckpt, fmt):
     ref = NB.producer_state_dict(path)
     lt = get_adapter(path).plan.logical["a.weight"]  # [37, 96]
     with BoxReader(path, "pread") as io:
-        filler = BoxFiller(io, 1 << 16)
+        filler = CpuExecutor(io, 1 << 16)
         for start, length in (((5, 32), (31, 48)), ((0, 80), (37, 16)), ((36, 0), (1, 96))):
             got = poisoned_like(length)
-            filler.fill(lt, start, length, got)
+            filler.fill([(lt, start, length, got)])
             assert_bit_equal(got, ref["a.weight"][start[0]:start[0] + length[0], start[1]:start[1] + length[1]])
         # A column shard that cuts a block (or a byte) is refused, naming the box and what works.
         for start, length in (((0, 8), (37, 48)), ((0, 0), (37, 40)), ((0, 1), (37, 2))):
             with pytest.raises(ScaleLayoutError) as e:
-                filler.fill(lt, start, length, poisoned_like(length))
+                filler.fill([(lt, start, length, poisoned_like(length))])
             msg = str(e.value)
             assert f"columns [{start[1]}, {start[1] + length[1]})" in msg and "a.weight" in msg
             assert "Shard(0)" in msg and "[2, 3, 6]" in msg  # K = 96 = 6 blocks

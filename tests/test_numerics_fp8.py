@@ -12,7 +12,7 @@ import torch
 from helpers import assert_bit_equal
 from streaming_adapters.checkpoint.byteio import runs_of_box
 from streaming_adapters.numerics.fp8 import block_window, decode_scales, dequantize_into
-from streaming_adapters.fill import iter_subboxes
+from streaming_adapters.read import iter_subboxes
 
 
 def _reference(codes_full, scale_full, block, start, length, dtype):

@@ -53,14 +53,15 @@ def test_impossible_layout_is_refused_with_layouts_that_fit(demo_ckpt, tmp_path)
                "host_memory_gb=0.08"], nproc=2, check=False)
     assert p.returncode != 0, p.stderr  # ranks exit 2; torchrun reports 1
     assert "does not fit" in p.stderr and "add ranks" in p.stderr
-    # With 4 ranks and 56 MiB each, PP=4 (the 64 MiB embedding on stage 0) does not fit but TP=4 does:
-    # the pre-flight names it.
-    p = entry(["plan", f"checkpoint.path={demo_ckpt}", "parallel.pp=4", "host_memory_gb=0.055"], check=False)
+    # With 4 ranks and 77 MiB each, PP=4 (the 64 MiB embedding on stage 0: 148 MiB with the pread staging
+    # buffer of its 62.5 MiB chunk) does not fit but TP=4 does (53 MiB shard + 5 MiB scratch + its 15.6 MiB
+    # chunk = 70 MiB): the pre-flight names it.
+    p = entry(["plan", f"checkpoint.path={demo_ckpt}", "parallel.pp=4", "host_memory_gb=0.075"], check=False)
     assert p.returncode == 3  # does not fit: the exit code says so to scripts
     assert "DOES NOT FIT" in p.stdout and "naive path" in p.stdout
     fitting = p.stdout.split("layouts of this world size that fit:")[1]
     assert "tp=4 dp_shard=1 pp=1 ep=1" in fitting
-    p = entry(["plan", f"checkpoint.path={demo_ckpt}", "parallel.tp=4", "host_memory_gb=0.055"])
+    p = entry(["plan", f"checkpoint.path={demo_ckpt}", "parallel.tp=4", "host_memory_gb=0.075"])
     assert "DOES NOT FIT" not in p.stdout
 
 

@@ -50,7 +50,7 @@ def _tp_state_dict(path: str, device: str):
     return index, adapter, sd, boxes
 
 
-def run_peer(peer: str, path: str, device: str, workdir: str, readers: int = 8, io_backend: str = "mmap") -> dict:
+def run_peer(peer: str, path: str, device: str, workdir: str, readers: int = 8, io_backend: str = "pread") -> dict:
     rank = dist.get_rank() if dist.is_initialized() else 0
     dev = f"cuda:{torch.cuda.current_device()}" if device == "cuda" else "cpu"
     from ..report import rss_anon_bytes
@@ -111,7 +111,7 @@ def _raw_read(index, adapter, boxes, readers: int) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     from ..checkpoint.byteio import BoxReader
-    from ..fill import iter_subboxes
+    from ..read import iter_subboxes
 
     jobs = []
     for name, (start, length) in boxes.items():
@@ -157,7 +157,7 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/sa_bench")
     p.add_argument("--out", required=True)
     p.add_argument("--readers", type=int, default=8)
-    p.add_argument("--io-backend", default="mmap", choices=["mmap", "pread"])
+    p.add_argument("--io-backend", default="pread", choices=["mmap", "pread"])
     a = p.parse_args()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if a.device == "cuda":

@@ -2,17 +2,19 @@
 
 Backends:
 
-* ``mmap`` (default on CPU): a private mapping of the file; a box is a strided *view* into the page
-  cache, so reading costs no anonymous memory at all -- the numerics read the codes in place.  The kernel
-  faults in only the pages the box touches (plus readahead).  Touching a page past the end of a file that
-  shrank after it was mapped kills the process with SIGBUS, so every read first re-checks the file's size
-  with ``fstat`` on the mapped descriptor (2 us measured, per box: a chunk of up to 64 MiB) and refuses a box
-  past the current end with a named error.  What remains is a shrink *during* the one box being read
-  (truncating a shard under a running load); the ``pread`` backend turns even that into the same error.
-* ``pread``: ``os.preadv`` of each contiguous run of the box into one buffer (optionally pinned, for
-  host-to-device copies), with ``POSIX_FADV_RANDOM`` so the kernel does not read ahead: ranks on different
-  nodes do not pay for bytes they do not use (measured on the GPU host: a 294 MiB TP shard became ~850 MiB
-  of disk reads with mmap readahead; formats.md §1.2).
+* ``pread`` (the default, every entry point): ``os.preadv`` of each contiguous run of the box into one
+  buffer (the CPU executor's one reusable staging buffer, or a pinned one for host-to-device copies), with
+  ``POSIX_FADV_RANDOM`` so the kernel does not read ahead: ranks on different nodes do not pay for bytes they
+  do not use (measured on the GPU host: a 294 MiB TP shard became ~850 MiB of disk reads with mmap
+  readahead; formats.md §1.2).  A file that shrinks under a load ends a read early: a named
+  ``CorruptCheckpointError``, never a signal.
+* ``mmap`` (selectable): a private mapping of the file; a box is a strided *view* into the page cache, so
+  reading costs no anonymous memory at all -- the numerics read the codes in place.  Touching a page past the
+  end of a file that shrank after it was mapped kills the process with SIGBUS, so every read first re-checks
+  the file's size with ``fstat`` on the mapped descriptor (2 us measured, per box: a chunk of up to 64 MiB)
+  and refuses a box past the current end with a named error.  What remains is a shrink *during* the one box
+  being read (truncating a shard under a running load): under ``mmap`` that CAN still be SIGBUS, which is
+  why ``pread`` is the default.
 
 A box of a row-major tensor is ``prod(length[:d])`` runs of ``length[d] * prod(shape[d+1:])`` elements,
 ``d`` being the outermost dim after which the box spans whole rows.
@@ -32,6 +34,7 @@ import torch
 from .index import TensorInfo
 
 BACKENDS = ("mmap", "pread")
+DEFAULT_BACKEND = "pread"  # a shard truncated during a load is a named error, never SIGBUS (see above)
 
 
 def runs_of_box(
@@ -40,6 +43,8 @@ def runs_of_box(
     """``(run_bytes, stride_bytes, run_offsets)``: the box as contiguous runs, offsets relative to the
     tensor's first byte.  ``stride_bytes`` is unused when there is one run."""
     nd = len(shape)
+    if nd == 0:  # a 0-dim tensor (a per-tensor scale): one run of one element
+        return itemsize, itemsize, [0]
     d = nd - 1
     while d > 0 and start[d] == 0 and length[d] == shape[d]:
         d -= 1
@@ -58,7 +63,7 @@ def runs_of_box(
 class BoxReader:
     """Per-load reader of tensor boxes.  Thread-safe for reads of different boxes."""
 
-    def __init__(self, root: Path, backend: str = "mmap", *, advise_random: bool | None = None) -> None:
+    def __init__(self, root: Path, backend: str = DEFAULT_BACKEND, *, advise_random: bool | None = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"io_backend must be one of {BACKENDS}, got {backend!r}")
         self.root = Path(root)

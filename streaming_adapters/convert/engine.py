@@ -30,8 +30,7 @@ from ..checkpoint.index import CheckpointIndex
 from ..checkpoint.coverage import check_coverage
 from ..dist import all_gather_object, is_dist, raise_on_all_ranks, rank_and_world
 from ..errors import CheckpointError
-from ..fill import DEFAULT_CHUNK_BYTES, BoxFiller, iter_subboxes
-from ..pipeline import DEFAULT_PIPELINE_CHUNK, GpuPipeline, split_box
+from ..read import DEFAULT_BACKEND, DEFAULT_CHUNK_BYTES, FillExecutor, iter_subboxes, make_executor
 from ..formats import get_adapter
 from ..numerics import nvfp4
 
@@ -51,7 +50,7 @@ def convert_checkpoint(
     process_group: dist.ProcessGroup | None = None,
     step_bytes: int = DEFAULT_STEP_BYTES,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    io_backend: str = "mmap",
+    io_backend: str = DEFAULT_BACKEND,
     ignore: list[str] | tuple[str, ...] = (),
     overwrite: bool = False,
     restart: bool = False,
@@ -125,10 +124,7 @@ def convert_checkpoint(
                                              progress and rank == 0)
 
     io = BoxReader(index.path, io_backend)
-    filler = BoxFiller(io, chunk_bytes)
-    pipe = None
-    if gpu_pipeline is True or (gpu_pipeline == "auto" and dev.type == "cuda"):
-        pipe = GpuPipeline(io, dev, chunk_bytes=min(chunk_bytes, DEFAULT_PIPELINE_CHUNK), readers=readers)
+    filler = make_executor(io, dev, chunk_bytes=chunk_bytes, gpu_pipeline=gpu_pipeline, readers=readers)
     bar = _progress(plan, rank == 0 and progress)
     # A piece's BF16 rows held at once: about a rank's share of a step.  Pieces beyond it (a unit larger
     # than a step, or a header claiming [32768, 32768]) go in row blocks of this size, read twice (amax,
@@ -148,7 +144,7 @@ def convert_checkpoint(
                     if i + 1 < len(todo) and error is None:
                         # The disk reads the next step while this one is dequantized and quantized.
                         _prefetch(plan, todo[i + 1], rank, io)
-                    error = _run_step(plan, step, rank, filler, staged, dev, process_group, pipe, error, budget)
+                    error = _run_step(plan, step, rank, filler, staged, dev, process_group, error, budget)
                     if error is None:
                         finished.add(step.index)
                         unsynced.append(step.index)
@@ -338,8 +334,8 @@ def _write_rows(staged: StagedOutput, plan: ConversionPlan, out, r0: int, data: 
     staged.pwrite(file, begin + r0 * out.row_bytes, _bytes(data))
 
 
-def _run_step(plan: ConversionPlan, step: Step, rank: int, filler: BoxFiller, staged: StagedOutput,
-              dev: torch.device, group, pipe: GpuPipeline | None = None, failed: BaseException | None = None,
+def _run_step(plan: ConversionPlan, step: Step, rank: int, filler: FillExecutor, staged: StagedOutput,
+              dev: torch.device, group, failed: BaseException | None = None,
               budget: int = DEFAULT_STEP_BYTES) -> BaseException | None:
     """One step on this rank; returns its error (or ``failed``, when an earlier error skips the work) instead
     of raising, so every rank still meets the step's collective and all learn of it there."""
@@ -352,7 +348,7 @@ def _run_step(plan: ConversionPlan, step: Step, rank: int, filler: BoxFiller, st
     error = failed
     if error is None:
         try:
-            _read_step(plan, step, rank, filler, staged, dev, pipe, budget, amax, unit_of, held, blocked)
+            _read_step(plan, step, rank, filler, staged, dev, budget, amax, unit_of, held, blocked)
         except Exception as e:  # noqa: BLE001
             error = _named(e, rank, staged.root)
     if units and is_dist(group):
@@ -375,16 +371,16 @@ def _row_blocks(piece: Piece, row_bytes: int, budget: int):
         yield a, min(piece.r1, a + rows)
 
 
-def _fill_rows(plan: ConversionPlan, filler: BoxFiller, dev, name: str, a: int, b: int) -> torch.Tensor:
+def _fill_rows(plan: ConversionPlan, filler: FillExecutor, dev, name: str, a: int, b: int) -> torch.Tensor:
     lt = plan.logical[name]
     buf = torch.empty((b - a, *lt.shape[1:]), dtype=torch.bfloat16, device=dev)
-    filler.fill(lt, (a,) + (0,) * (len(lt.shape) - 1), (b - a, *lt.shape[1:]), buf)
+    filler.fill([(lt, (a,) + (0,) * (len(lt.shape) - 1), (b - a, *lt.shape[1:]), buf)])
     return buf
 
 
-def _read_step(plan, step, rank, filler, staged, dev, pipe, budget, amax, unit_of, held, blocked) -> None:
+def _read_step(plan, step, rank, filler, staged, dev, budget, amax, unit_of, held, blocked) -> None:
     bf16_out: list[tuple[Piece, torch.Tensor]] = []
-    chunks = []
+    jobs = []
     held_bytes = 0
     max_elems = max(1, filler.chunk_bytes // 2)
     for piece in step.pieces.get(rank, []):
@@ -393,18 +389,18 @@ def _read_step(plan, step, rank, filler, staged, dev, pipe, budget, amax, unit_o
         start = (piece.r0,) + (0,) * (len(lt.shape) - 1)
         length = (piece.r1 - piece.r0,) + tuple(lt.shape[1:])
         if not lt.shape:  # 0-dim plain tensor
-            staged.pwrite(*plan.location(outs[0])[:2], _bytes(filler.io.read(lt.stored)))
+            staged.pwrite(*plan.location(outs[0])[:2], _bytes(filler.read_stored(lt)))
             continue
         nbytes = 2 * math.prod(length)
         over = held_bytes + nbytes > budget
-        if outs[0].role == "copy" or (outs[0].role == "dequant" and (pipe is None or over)):
+        if outs[0].role == "copy" or (outs[0].role == "dequant" and (not filler.overlapped or over)):
             # Streamed: chunk by chunk, never holding the piece.
             for s, n in iter_subboxes(start, length, max_elems):
                 if outs[0].role == "copy":
-                    data = filler.io.read(lt.stored, s, n)
+                    data = filler.read_stored(lt, s, n)
                 else:
                     data = torch.empty(n, dtype=torch.bfloat16, device=dev)
-                    filler.fill(lt, s, n, data)
+                    filler.fill([(lt, s, n, data)])
                 _write_rows(staged, plan, outs[0], s[0], data)
             continue
         if over:
@@ -419,14 +415,12 @@ def _read_step(plan, step, rank, filler, staged, dev, pipe, budget, amax, unit_o
             continue
         held_bytes += nbytes
         buf = torch.empty(length, dtype=torch.bfloat16, device=dev)
-        if pipe is not None:  # GPU: the whole step's reads go through one overlapped pipeline run
-            filler.check(lt, length, buf, start)
-            chunks += split_box(lt, start, length, buf, pipe.max_elems(lt.stored.itemsize))
+        if filler.overlapped:  # GPU: the whole step's reads go through one overlapped pipeline run
+            jobs.append((lt, start, length, buf))
         else:
-            filler.fill(lt, start, length, buf)
+            filler.fill([(lt, start, length, buf)])
         (held if outs[0].role != "dequant" else bf16_out).append((piece, buf))
-    if pipe is not None:
-        pipe.run(chunks)
+    filler.fill(jobs)
     for piece, buf in bf16_out:
         _write_rows(staged, plan, plan.outputs[piece.tensor][0], piece.r0, buf)
     for piece, buf in held:

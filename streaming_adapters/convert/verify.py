@@ -22,7 +22,7 @@ from ..checkpoint.byteio import BoxReader
 from ..checkpoint.index import CheckpointIndex
 from ..dist import all_gather_object, rank_and_world, run_then_gather
 from ..errors import CheckpointError
-from ..fill import BoxFiller, iter_subboxes
+from ..read import CpuExecutor, iter_subboxes
 from ..formats import get_adapter
 from ..numerics import nvfp4
 from .plan import _unit_key
@@ -129,7 +129,7 @@ def verify_checkpoint(
         names = sorted(logical, key=lambda n: -math.prod(logical[n].shape))
         checks, missing = [], []
         with BoxReader(ref_idx.path) as rio, BoxReader(out_idx.path) as oio:
-            filler = BoxFiller(rio)
+            filler = CpuExecutor(rio)
             for name in [n for i, n in enumerate(names) if i % world == rank]:
                 try:
                     checks.append(_check_tensor(name, logical[name], filler, oio, out_idx, fmt))
@@ -157,7 +157,7 @@ def verify_checkpoint(
     return report
 
 
-def _check_tensor(name, lt, filler: BoxFiller, oio: BoxReader, out_idx: CheckpointIndex, fmt) -> TensorCheck:
+def _check_tensor(name, lt, filler: CpuExecutor, oio: BoxReader, out_idx: CheckpointIndex, fmt) -> TensorCheck:
     mod = name[: -len(".weight")] if name.endswith(".weight") else name
     parts = _nvfp4_parts(mod, out_idx, fmt)
     if parts is None:
@@ -169,7 +169,7 @@ def _check_tensor(name, lt, filler: BoxFiller, oio: BoxReader, out_idx: Checkpoi
             return check
         for s, n in iter_subboxes((0,) * len(lt.shape), tuple(lt.shape), ROW_CHUNK_ELEMS):
             want = torch.empty(n, dtype=lt.dtype if lt.scale is None else torch.bfloat16)
-            filler.fill(lt, s, n, want)
+            filler.fill([(lt, s, n, want)])
             got = oio.read(out, s, n)
             if got.dtype != want.dtype or not torch.equal(got.reshape(-1).view(torch.uint8),
                                                           want.reshape(-1).view(torch.uint8)):
@@ -185,7 +185,7 @@ def _check_tensor(name, lt, filler: BoxFiller, oio: BoxReader, out_idx: Checkpoi
     for r0 in range(0, n_rows, step):
         r = min(step, n_rows - r0)
         ref = torch.empty((r, k), dtype=torch.bfloat16)
-        filler.fill(lt, (r0, 0), (r, k), ref)
+        filler.fill([(lt, (r0, 0), (r, k), ref)])
         p = oio.read(packed, (r0, 0), (r, k // 2))
         sc = oio.read(scale, (r0, 0), (r, k // 16))
         got = nvfp4.dequantize_ct(p, sc, gs) if fmt == "compressed-tensors" else nvfp4.dequantize_modelopt(p, sc, gs)

@@ -1,7 +1,7 @@
 """The box-decoder seam: how a box of a logical tensor is read and decoded when its stored codes are not
 one FP8 element per logical element times a block grid (that case is ``numerics/fp8.py``'s, unchanged).
 
-The box executors (``fill.BoxFiller`` on CPU and for any device, ``pipeline.GpuPipeline`` on CUDA) call a
+The box executors (``read.CpuExecutor`` on the host, ``read.CudaExecutor`` on CUDA) call a
 :class:`BoxDecoder` for every box of a :class:`~streaming_adapters.formats.base.LogicalTensor` whose
 ``decoder`` is set, in four steps that never branch on the format::
 

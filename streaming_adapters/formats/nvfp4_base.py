@@ -64,7 +64,7 @@ class NVFP4Decoder(BoxDecoder):
 
     def split(self, start, length, max_elems) -> Iterator[Box]:
         # Split in block coordinates (16 columns = 1), so every sub-box keeps whole blocks.
-        from ..fill import iter_subboxes
+        from ..read.boxes import iter_subboxes
 
         bstart = (*start[:-1], start[-1] // GROUP)
         blen = (*length[:-1], length[-1] // GROUP)

@@ -13,8 +13,8 @@
    ``loadplan.py``'s, shared with NeMo's ``PartsLoad``.
 
 Memory model (per rank): the model's own shards (allocated by the caller) + the reader's transient
-(``chunk_bytes`` of codes at most; zero-copy page-cache views with the mmap backend on CPU) + one group's
-DCP plan (a few hundred bytes per read item).  No full tensor, layer or model is ever assembled.
+(``chunk_bytes`` of codes at most: one reusable staging buffer with the default pread backend on CPU,
+page-cache views with mmap) + one group's DCP plan (a few hundred bytes per read item).  No full tensor, layer or model is ever assembled.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadIte
 from ..checkpoint.index import CheckpointIndex
 from ..dist import all_gather_object, rank_and_world
 from ..errors import CheckpointError, DestinationError
-from ..fill import DEFAULT_CHUNK_BYTES
+from ..read import DEFAULT_BACKEND, DEFAULT_CHUNK_BYTES
 from ..formats import get_adapter
 from ..load import dcp_load
 from ..reader import StreamingFP8StorageReader
@@ -116,7 +116,7 @@ def load_fp8_checkpoint(
     strict: bool = True,
     expert_range: tuple[int, int] | None = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    io_backend: str = "mmap",
+    io_backend: str = DEFAULT_BACKEND,
     verbose: bool = False,
 ) -> ModelLoadReport:
     """Fill ``model``'s parameters and buffers from an FP8 (or plain) HF checkpoint, shard by shard.

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.distributed.tensor import DTensor
 
-from ..fill import FLOAT_DESTINATIONS
+from ..read import FLOAT_DESTINATIONS
 from .keymap import KeyMapper, Part
 
 # Fused expert tensors (``...experts.gate_up_proj``): dim 0 is the expert.  Per-expert tensors
