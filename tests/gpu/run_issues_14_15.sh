@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# One H100/H200: the GPU tests, a 1-GPU load/convert baseline (issue 12 compares against it), the W4A4
-# calibration bar (issue 14) and the evaluate bar (issue 15) at Mistral-Large-123B layer shapes.
-# Each step has its own time limit so one stuck step cannot eat the call; logs come back in one tarball.
-# Knobs: CAL_SAMPLES (512), EV_ROWS (128), LAYERS (2), SKIP_TESTS=1, SKIP_BASE=1.
+# One H100/H200: the GPU tests, a 1-GPU load/convert baseline (issue 12 compares it with an earlier commit's
+# package in .oldpkg, on the same card), the W4A4 calibration bar (issue 14) and the evaluate bars (issue 15)
+# at Mistral-Large-123B layer shapes, and evaluate side by side with transformers on an 8B-shaped Llama.
+# STEPS picks what runs (default: all): tests base cal eval sxs.  Each step has its own time limit so one
+# stuck step cannot eat the call; logs come back in one tarball.  Knobs: CAL_SAMPLES (512), EV_ROWS (128),
+# LAYERS (2), CAL_T / EV_T / SXS_T (seconds).
 source tests/gpu/setup.sh
 source tests/gpu/bench_fn.sh
 set +e
 L=${LAYERS:-2}
-if [[ ${SKIP_TESTS:-0} != 1 ]]; then
+STEPS=" ${STEPS:-tests base cal eval sxs} "
+if [[ $STEPS == *" tests "* ]]; then
     timeout 170 python3 -m pytest -q -x -p no:cacheprovider tests/gpu 2>&1 | tee "$RES/gpu_tests.txt" | tail -8
 fi
-if [[ ${SKIP_BASE:-0} != 1 ]]; then
+if [[ $STEPS == *" base "* ]]; then
     timeout 150 bash -c "source tests/gpu/bench_fn.sh; bench base1 llama70b 4 1 '[raw_read,streaming_adapters,convert_nvfp4]'"
     # .oldpkg (ignored; carried): an earlier commit's streaming_adapters/ + recipes/, timed on the same machine
     # right after, so a refactor's load / conversion times are compared on one card.
@@ -22,9 +25,18 @@ if [[ ${SKIP_BASE:-0} != 1 ]]; then
     fi
 fi
 mkdir -p /tmp/ev && ln -sfn /tmp/cal/ckpt /tmp/ev/fp8
-timeout ${CAL_T:-200} python3 benchmarks/calibration_w4a4.py --layers $L --samples ${CAL_SAMPLES:-512} --workdir /tmp/cal \
-    2>&1 | tee "$RES/calibration.txt" | grep -v "it/s\]$" | tail -12
-cp /tmp/cal/calibration_bench.json "$RES/" 2>/dev/null
-timeout ${EV_T:-200} python3 benchmarks/evaluate_gpu.py --layers $L --rows ${EV_ROWS:-128} --workdir /tmp/ev \
-    2>&1 | tee "$RES/evaluate.txt" | grep -v "it/s\]$" | tail -12
-cp /tmp/ev/evaluate_bench.json "$RES/" 2>/dev/null
+if [[ $STEPS == *" cal "* ]]; then
+    timeout ${CAL_T:-200} python3 benchmarks/calibration_w4a4.py --layers $L --samples ${CAL_SAMPLES:-512} \
+        --workdir /tmp/cal 2>&1 | tee "$RES/calibration.txt" | grep -v "it/s\]$" | tail -12
+    cp /tmp/cal/calibration_bench.json "$RES/" 2>/dev/null
+fi
+if [[ $STEPS == *" eval "* ]]; then
+    timeout ${EV_T:-200} python3 benchmarks/evaluate_gpu.py --layers $L --rows ${EV_ROWS:-128} --workdir /tmp/ev \
+        2>&1 | tee "$RES/evaluate.txt" | grep -v "it/s\]$" | tail -12
+    cp /tmp/ev/evaluate_bench.json "$RES/" 2>/dev/null
+fi
+if [[ $STEPS == *" sxs "* ]]; then
+    timeout ${SXS_T:-240} python3 benchmarks/evaluate_side_by_side.py --device cuda --hidden 4096 --intermediate 14336 \
+        --layers ${SXS_LAYERS:-4} --heads 32 --kv-heads 8 --vocab 128256 --rows ${SXS_ROWS:-16} --seq-len 2048 \
+        --workdir /tmp/sxs 2>&1 | tee "$RES/side_by_side.txt" | grep -v "it/s\]$" | tail -14
+fi
