@@ -134,3 +134,28 @@ def test_recipe_writes_table_report_and_plot(checkpoints, tmp_path):
     assert r["nll"] == sa.evaluate(src, list(ids))["nll"]
     assert (out / "layers.svg").read_text().startswith("<svg")
     assert json.loads((tmp_path / "r.json").read_text())["perplexity"] == r["perplexity"]
+
+
+def test_recipe_refuses_options_evaluate_ignores(checkpoints, tmp_path):
+    """config.USED['evaluate']: a conversion or load_check option on an evaluate command line is one
+    ConfigError naming every ignored key and why, before any data or checkpoint is read (the data file here
+    does not exist and the out_dir stays unwritten)."""
+    from launch import entry
+
+    src = checkpoints("llama", "fp8_block")
+    out = tmp_path / "ev"
+    p = entry(["--config-name", "evaluate", f"checkpoint.path={src}", f"evaluate.data={tmp_path / 'none.txt'}",
+               f"evaluate.out_dir={out}", "evaluate.samples=2", "verify=true", "parallel.tp=2", "io.chunk_mb=8",
+               "dry_run=true", f"output.path={tmp_path / 'o'}", "calibration.samples=4"], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, (p.returncode, p.stderr[-3000:])
+    assert p.stderr.count("error: ") == 1 and "ConfigError" in p.stderr, p.stderr
+    for want in ("verify=True is ignored by evaluate: task evaluate does not read it",
+                 "parallel.tp=2 is ignored by evaluate: evaluate splits the rows over all ranks",
+                 "io.chunk_mb=8 is ignored by evaluate: task evaluate does not read it",
+                 "dry_run=True is ignored by evaluate: evaluate has no pre-flight plan",
+                 "output.path=", "is ignored by evaluate: evaluate writes no checkpoint",
+                 "calibration.samples=4 is ignored by evaluate"):
+        assert want in p.stderr, (want, p.stderr)
+    # evaluate.* keys (samples, out_dir, data) are its own: none of them is named.
+    assert "evaluate.samples=2 is" not in p.stderr and "evaluate.out_dir=" not in p.stderr
+    assert not out.exists()
