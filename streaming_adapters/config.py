@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from .errors import CheckpointError
 from .calibrate.config import CalibrationConfig
-from .evaluate.config import EvaluateConfig
+from .quality.config import EvaluateConfig
 
 TASKS = ("load_check", "dequantize_bf16", "fp8_to_nvfp4", "benchmark", "plan", "evaluate")
 DEVICES = ("cpu", "cuda")

@@ -159,3 +159,27 @@ def test_recipe_refuses_options_evaluate_ignores(checkpoints, tmp_path):
     # evaluate.* keys (samples, out_dir, data) are its own: none of them is named.
     assert "evaluate.samples=2 is" not in p.stderr and "evaluate.out_dir=" not in p.stderr
     assert not out.exists()
+
+
+def test_evaluate_is_a_plain_function_and_the_old_module_paths_still_import():
+    """sa.evaluate is an ordinary function (no callable-module class swap); the implementation lives in
+    streaming_adapters.quality, and the old streaming_adapters.evaluate.<module> paths are the same module
+    objects (same classes), in a fresh interpreter where nothing was imported before."""
+    import subprocess
+    import sys
+
+    code = (
+        "import types, inspect, streaming_adapters as sa\n"
+        "from streaming_adapters import evaluate\n"
+        "from streaming_adapters.evaluate.emulate import InputScales\n"
+        "from streaming_adapters.evaluate import metrics\n"
+        "import streaming_adapters.evaluate.run\n"
+        "import streaming_adapters.quality as q, streaming_adapters.quality.emulate as qe\n"
+        "assert type(sa.evaluate) is types.FunctionType and evaluate is sa.evaluate is q.evaluate\n"
+        "assert type(sa).__name__ == 'module' and type(q).__name__ == 'module'\n"
+        "assert sa.evaluate.__module__ == 'streaming_adapters.quality.run'\n"
+        "assert InputScales is qe.InputScales and metrics is q.metrics\n"
+        "print(list(inspect.signature(sa.evaluate).parameters)[:4])\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip() == "['checkpoint', 'tokens', 'reference', 'emulate_activations']"
