@@ -9,6 +9,7 @@ Public API::
     verify_checkpoint(nvfp4_dir, reference=fp8_dir) -> VerifyReport
     get_adapter(checkpoint_path_or_config) / list_adapters() / register_adapter
     StreamingFP8StorageReader       # the DCP storage reader, for use with torch.distributed.checkpoint.load
+    evaluate(checkpoint, tokens, *, reference=None, emulate_activations=False, ...) -> dict  # docs/evaluate.md
 """
 
 from .errors import CheckpointError
@@ -24,7 +25,25 @@ from .convert import ConvertReport, convert_checkpoint
 from .convert.verify import VerifyReport, verify_checkpoint
 from .reader import StreamingFP8StorageReader
 from .report import LoadReport
-from . import evaluate  # noqa: E402  (a callable module: sa.evaluate(checkpoint, tokens, ...))
+from .quality import evaluate
+
+
+def _keep_old_evaluate_paths() -> None:
+    """``streaming_adapters.evaluate.<module>`` (the package's name before ``evaluate`` became the function):
+    the same module objects as ``streaming_adapters.quality.<module>``, so old imports keep working and see the
+    same classes. Registered in sys.modules, where the import system looks first; the attribute
+    ``streaming_adapters.evaluate`` stays the function (a fresh import of an alias would overwrite it)."""
+    import sys
+
+    from . import quality
+    from .quality import config, data, emulate, metrics, plot, run, task
+
+    sys.modules[f"{__name__}.evaluate"] = quality
+    for m in (config, data, emulate, metrics, plot, run, task):
+        sys.modules[f"{__name__}.evaluate.{m.__name__.rsplit('.', 1)[1]}"] = m
+
+
+_keep_old_evaluate_paths()
 
 from ._version import __version__  # noqa: F401  (streaming_adapters.__version__)
 

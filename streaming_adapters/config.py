@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from .errors import CheckpointError
 from .calibrate.config import CalibrationConfig
-from .evaluate.config import EvaluateConfig
+from .quality.config import EvaluateConfig
 
 TASKS = ("load_check", "dequantize_bf16", "fp8_to_nvfp4", "benchmark", "plan", "evaluate")
 DEVICES = ("cpu", "cuda")
@@ -230,11 +230,19 @@ USED = {
     "fp8_to_nvfp4": _ALWAYS + _CONVERT + ("output.format", "output.ignore", "calibration."),
     "benchmark": ("task", "device", "verbose", "report.path", "checkpoint.path", "benchmark.", "io.readers",
                   "io.backend"),
+    # evaluate builds its own skeleton and reader per layer: no load plan (parallel.*, io.*, dry_run, the
+    # memory keys), no output folder (it writes into evaluate.out_dir), always prints its per-layer lines.
+    "evaluate": _ALWAYS + ("evaluate.",),
 }
 _WHY = {"parallel.": "conversion splits every step over all ranks whatever the layout: use parallel.dp_shard=N "
                      "(N = the number of ranks)",
         "output.format": "only fp8_to_nvfp4 writes a format choice (BF16 output is plain HF safetensors)",
         "output.ignore": "only fp8_to_nvfp4 keeps modules out of NVFP4 (BF16 output converts every tensor)"}
+# Why evaluate refuses what users most often carry over from a conversion or load_check command line.
+_WHY_EVALUATE = {"parallel.": "evaluate splits the rows over all ranks whatever the layout (launch N processes)",
+                 "dry_run": "evaluate has no pre-flight plan; run it on fewer rows (evaluate.samples=N) to try it",
+                 "output.path": "evaluate writes no checkpoint: its report.json and layers.svg go to "
+                                "evaluate.out_dir"}
 # Numbers: (key, smallest valid value, may be null)
 _NUMBERS = (("parallel.tp", 1, False), ("parallel.dp_shard", 1, False), ("parallel.pp", 1, False),
             ("parallel.ep", 1, False), ("io.chunk_mb", 1, False), ("io.readers", 1, False),
@@ -273,7 +281,9 @@ def validate(cfg) -> None:
             if key.startswith(USED[cfg.task]) or get(key) == get(key, defaults):
                 continue
             why = _WHY.get(key.split(".")[0] + "." if key.startswith("parallel.") else key)
-            if why is None or cfg.task not in ("dequantize_bf16", "fp8_to_nvfp4"):
+            if cfg.task == "evaluate":
+                why = _WHY_EVALUATE.get("parallel." if key.startswith("parallel.") else key)
+            if why is None or cfg.task not in ("dequantize_bf16", "fp8_to_nvfp4", "evaluate"):
                 why = f"task {cfg.task} does not read it"
                 if cfg.task == "benchmark" and key.startswith("parallel."):
                     why += " (benchmark.nproc sets the ranks of each peer)"

@@ -95,7 +95,7 @@ def run_task(cfg, layout: Layout) -> dict[str, Any]:
 
         return run_benchmark(cfg)
     if cfg.task == "evaluate":  # rows split over every rank; no load plan (docs/evaluate.md)
-        from .evaluate.task import run_evaluate
+        from .quality.task import run_evaluate
 
         return run_evaluate(cfg)
     error, pf = None, None

@@ -134,3 +134,52 @@ def test_recipe_writes_table_report_and_plot(checkpoints, tmp_path):
     assert r["nll"] == sa.evaluate(src, list(ids))["nll"]
     assert (out / "layers.svg").read_text().startswith("<svg")
     assert json.loads((tmp_path / "r.json").read_text())["perplexity"] == r["perplexity"]
+
+
+def test_recipe_refuses_options_evaluate_ignores(checkpoints, tmp_path):
+    """config.USED['evaluate']: a conversion or load_check option on an evaluate command line is one
+    ConfigError naming every ignored key and why, before any data or checkpoint is read (the data file here
+    does not exist and the out_dir stays unwritten)."""
+    from launch import entry
+
+    src = checkpoints("llama", "fp8_block")
+    out = tmp_path / "ev"
+    p = entry(["--config-name", "evaluate", f"checkpoint.path={src}", f"evaluate.data={tmp_path / 'none.txt'}",
+               f"evaluate.out_dir={out}", "evaluate.samples=2", "verify=true", "parallel.tp=2", "io.chunk_mb=8",
+               "dry_run=true", f"output.path={tmp_path / 'o'}", "calibration.samples=4"], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, (p.returncode, p.stderr[-3000:])
+    assert p.stderr.count("error: ") == 1 and "ConfigError" in p.stderr, p.stderr
+    for want in ("verify=True is ignored by evaluate: task evaluate does not read it",
+                 "parallel.tp=2 is ignored by evaluate: evaluate splits the rows over all ranks",
+                 "io.chunk_mb=8 is ignored by evaluate: task evaluate does not read it",
+                 "dry_run=True is ignored by evaluate: evaluate has no pre-flight plan",
+                 "output.path=", "is ignored by evaluate: evaluate writes no checkpoint",
+                 "calibration.samples=4 is ignored by evaluate"):
+        assert want in p.stderr, (want, p.stderr)
+    # evaluate.* keys (samples, out_dir, data) are its own: none of them is named.
+    assert "evaluate.samples=2 is" not in p.stderr and "evaluate.out_dir=" not in p.stderr
+    assert not out.exists()
+
+
+def test_evaluate_is_a_plain_function_and_the_old_module_paths_still_import():
+    """sa.evaluate is an ordinary function (no callable-module class swap); the implementation lives in
+    streaming_adapters.quality, and the old streaming_adapters.evaluate.<module> paths are the same module
+    objects (same classes), in a fresh interpreter where nothing was imported before."""
+    import subprocess
+    import sys
+
+    code = (
+        "import types, inspect, streaming_adapters as sa\n"
+        "from streaming_adapters import evaluate\n"
+        "from streaming_adapters.evaluate.emulate import InputScales\n"
+        "from streaming_adapters.evaluate import metrics\n"
+        "import streaming_adapters.evaluate.run\n"
+        "import streaming_adapters.quality as q, streaming_adapters.quality.emulate as qe\n"
+        "assert type(sa.evaluate) is types.FunctionType and evaluate is sa.evaluate is q.evaluate\n"
+        "assert type(sa).__name__ == 'module' and type(q).__name__ == 'module'\n"
+        "assert sa.evaluate.__module__ == 'streaming_adapters.quality.run'\n"
+        "assert InputScales is qe.InputScales and metrics is q.metrics\n"
+        "print(list(inspect.signature(sa.evaluate).parameters)[:4])\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip() == "['checkpoint', 'tokens', 'reference', 'emulate_activations']"

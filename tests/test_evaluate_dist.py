@@ -1,7 +1,7 @@
 """evaluate on 2 gloo ranks (rows split): every number equal to world 1's, bit for bit.
 
 Why exact, not within a tolerance: a row's sums depend only on the row (batch 1), and every rank adds the
-gathered per-row sums in row order (evaluate/metrics.py), so no reduction order depends on the world size."""
+gathered per-row sums in row order (quality/metrics.py), so no reduction order depends on the world size."""
 
 from __future__ import annotations
 
