@@ -65,8 +65,10 @@ def convert_checkpoint(
     """Convert an FP8 (or BF16) checkpoint into a BF16 or NVFP4 checkpoint at ``dst``.
 
     Called on every rank of ``process_group`` (or alone).  ``target``: ``"bf16"`` or ``"nvfp4"``;
-    ``format`` (nvfp4): ``"compressed-tensors"`` (default) or ``"modelopt"``.  ``ignore``: module names
-    or patterns (fnmatch, or ``re:`` regex) kept out of NVFP4.  The output is byte-identical for any world
+    ``format`` (nvfp4): ``"compressed-tensors"`` (default) or ``"modelopt"``.  ``ignore``: modules kept out
+    of NVFP4, as compressed-tensors writes them: exact module (or tensor) names and ``re:`` regexes
+    (``re.match`` on the module name); fnmatch globs still work with a DeprecationWarning that shows the
+    ``re:`` spelling (formats/ignore.py).  The output is byte-identical for any world
     size; a killed run resumes from its last finished step when called again with the same arguments.
     ``sync_every_s``: how often the written steps are fsynced and recorded as done (the resume points);
     0 = after every step.  Between sync points ranks run without barriers.
