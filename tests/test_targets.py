@@ -229,3 +229,33 @@ def test_verify_decodes_an_nvfp4_source_on_its_own(checkpoints, tmp_path, fmt):
     assert report.ok and report.format is None
     # q, k, v, o, gate, up of 3 layers (down_proj, K = 200, was left BF16): decoded by verify_reference
     assert sum(1 for t in report.tensors if t.kind == "bf16") == 18
+
+
+def test_verify_reference_refuses_a_nan_scale_and_a_nan_code(checkpoints, tmp_path):
+    import shutil
+    import struct
+
+    from streaming_adapters.errors import CorruptCheckpointError, ScaleLayoutError
+
+    src = tmp_path / "src"
+    shutil.copytree(checkpoints("llama", "fp8_block"), src)
+    out = tmp_path / "out"
+    convert_checkpoint(src, out, target="bf16", progress=False)
+    index = CheckpointIndex.open(src)
+    scale = index.tensors["model.layers.2.self_attn.o_proj.weight_scale_inv"]
+    with open(src / scale.file, "r+b") as f:
+        f.seek(scale.begin)
+        f.write(struct.pack("<f", float("nan")))
+    with pytest.raises(ScaleLayoutError, match=r"scale is nan at block \[0, 0\].*verify's reference") as e:
+        verify_checkpoint(out, src)
+    assert e.value.tensor == scale.name and e.value.file.endswith(scale.file)
+    with open(src / scale.file, "r+b") as f:
+        f.seek(scale.begin)
+        f.write(struct.pack("<f", 1.0))
+    code = index.tensors["model.layers.2.self_attn.o_proj.weight"]
+    with open(src / code.file, "r+b") as f:
+        f.seek(code.begin + 5)
+        f.write(b"\x7f")
+    with pytest.raises(CorruptCheckpointError, match=r"an FP8 code in rows 0\.\.319 is NaN") as e:
+        verify_checkpoint(out, src)
+    assert e.value.tensor == "model.layers.2.self_attn.o_proj.weight"

@@ -20,8 +20,10 @@ import torch
 from safetensors import safe_open
 
 from ..checkpoint.index import CheckpointIndex, TensorInfo
-from ..errors import CheckpointError
+from ..errors import CheckpointError, CorruptCheckpointError, ScaleLayoutError
 
+# 448 * s must stay finite in BF16 (max 3.39e38): larger scales make Inf weights, refused as the loader does.
+_SCALE_LIMIT = torch.finfo(torch.bfloat16).max / 448.0
 # E2M1 magnitudes of codes 0..7 (sign in bit 3), the OCP MX spec's table.
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
@@ -62,13 +64,27 @@ class ReferenceReader:
         block = lt.scale.block
         grid = tuple(-(-d // b) for d, b in zip(lt.shape, block))
         s = raw.float().reshape(grid)  # a [1] / 0-dim / [N, 1] scale is the grid with ones
+        if not bool((s.abs() <= _SCALE_LIMIT).all()):  # NaN compares False: refused too
+            bad = [int(i) for i in (~(s.abs() <= _SCALE_LIMIT)).nonzero()[0]]
+            raise ScaleLayoutError(
+                f"scale is {float(s[tuple(bad)])} at block {bad}: the weights of that block would be NaN/Inf "
+                "(verify's reference)", file=str(self.index.file_path(lt.scale.tensor.file)),
+                tensor=lt.scale.tensor.name, expected=f"finite scales of magnitude at most {_SCALE_LIMIT:.4g}",
+                fix="the reference checkpoint is damaged; re-download or re-export it")
         b0 = block[0]
         s = s[r0 // b0: (r1 - 1) // b0 + 1]
         for d, b in enumerate(block):
             s = s.repeat_interleave(b, dim=d)
         s = s[r0 - (r0 // b0) * b0:][: r1 - r0]
         s = s[(slice(None),) + tuple(slice(0, n) for n in lt.shape[1:])]
-        return (codes.float() * s).to(torch.bfloat16)
+        values = codes.float()
+        if values.is_floating_point() and bool(values.isnan().any()):  # E4M3 codes 0x7f / 0xff
+            raise CorruptCheckpointError(
+                f"an FP8 code in rows {r0}..{r1 - 1} is NaN (verify's reference)",
+                file=str(self.index.file_path(lt.stored.file)), tensor=lt.name,
+                expected="codes other than 0x7f / 0xff (producers saturate to +-448, codes 0x7e / 0xfe)",
+                fix="the reference checkpoint is damaged; re-download or re-export it")
+        return (values * s).to(torch.bfloat16)
 
     def _nvfp4_rows(self, lt, r0: int, r1: int) -> torch.Tensor:
         dec = lt.decoder
