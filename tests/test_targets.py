@@ -242,15 +242,15 @@ def test_verify_reference_refuses_a_nan_scale_and_a_nan_code(checkpoints, tmp_pa
     out = tmp_path / "out"
     convert_checkpoint(src, out, target="bf16", progress=False)
     index = CheckpointIndex.open(src)
-    scale = index.tensors["model.layers.2.self_attn.o_proj.weight_scale_inv"]
+    scale = index.tensors["model.layers.2.self_attn.o_proj.weight_scale_inv"]  # grid [3, 3]: 320 rows of 128
     with open(src / scale.file, "r+b") as f:
-        f.seek(scale.begin)
+        f.seek(scale.begin + 4 * (2 * 3 + 1))  # block [2, 1]: in the last row chunk of a 7-row split too
         f.write(struct.pack("<f", float("nan")))
-    with pytest.raises(ScaleLayoutError, match=r"scale is nan at block \[0, 0\].*verify's reference") as e:
+    with pytest.raises(ScaleLayoutError, match=r"scale is nan at block \[2, 1\].*verify's reference") as e:
         verify_checkpoint(out, src)
     assert e.value.tensor == scale.name and e.value.file.endswith(scale.file)
     with open(src / scale.file, "r+b") as f:
-        f.seek(scale.begin)
+        f.seek(scale.begin + 4 * (2 * 3 + 1))
         f.write(struct.pack("<f", 1.0))
     code = index.tensors["model.layers.2.self_attn.o_proj.weight"]
     with open(src / code.file, "r+b") as f:

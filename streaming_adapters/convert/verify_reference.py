@@ -42,12 +42,19 @@ class ReferenceReader:
         self._files.clear()
 
     def _slice(self, info: TensorInfo, r0: int | None = None, r1: int | None = None) -> torch.Tensor:
+        if r0 is None or not self.shape(info):
+            return self._file(info).get_tensor(info.name)  # type: ignore[attr-defined]
+        return self._file(info).get_slice(info.name)[r0:r1]  # type: ignore[attr-defined]
+
+    def _file(self, info: TensorInfo):
         f = self._files.get(info.file)
         if f is None:
             f = self._files[info.file] = safe_open(str(self.index.file_path(info.file)), framework="pt")
-        if r0 is None or not info.shape:
-            return f.get_tensor(info.name)  # type: ignore[attr-defined]
-        return f.get_slice(info.name)[r0:r1]  # type: ignore[attr-defined]
+        return f
+
+    def shape(self, info: TensorInfo) -> tuple[int, ...]:
+        """The shape the file's header gives (the index may present a scale's [] as [1, 1])."""
+        return tuple(self._file(info).get_slice(info.name).get_shape())  # type: ignore[attr-defined]
 
     def stored_rows(self, lt, r0: int, r1: int) -> torch.Tensor:
         """Rows ``[r0, r1)`` of the stored tensor as they are (what a copied tensor must equal)."""
@@ -58,21 +65,27 @@ class ReferenceReader:
         if lt.decoder is not None:
             return self._nvfp4_rows(lt, r0, r1)
         codes = self._slice(lt.stored, r0, r1)
-        raw = self._slice(lt.scale.tensor)
-        if lt.scale.encoding == "u8_exponent":  # the same exponent byte as float8_e8m0fnu: 2**(b-127)
-            raw = raw.view(torch.float8_e8m0fnu)
         block = lt.scale.block
         grid = tuple(-(-d // b) for d, b in zip(lt.shape, block))
-        s = raw.float().reshape(grid)  # a [1] / 0-dim / [N, 1] scale is the grid with ones
+        b0 = block[0]
+        g0 = r0 // b0  # the first scale row the chunk needs
+        if self.shape(lt.scale.tensor) == grid:  # only the chunk's scale rows (group-16 grids are 1/16 of codes)
+            raw = self._slice(lt.scale.tensor, g0, (r1 - 1) // b0 + 1)
+        else:  # a [1] / 0-dim / shorter scale: one value per tensor or per row group, small
+            raw, g0 = self._slice(lt.scale.tensor), 0
+        if lt.scale.encoding == "u8_exponent":  # the same exponent byte as float8_e8m0fnu: 2**(b-127)
+            raw = raw.view(torch.float8_e8m0fnu)
+        s = raw.float().reshape(-1, *grid[1:])  # a [1] / 0-dim / [N, 1] scale is the grid with ones
         if not bool((s.abs() <= _SCALE_LIMIT).all()):  # NaN compares False: refused too
             bad = [int(i) for i in (~(s.abs() <= _SCALE_LIMIT)).nonzero()[0]]
+            value = float(s[tuple(bad)])
+            bad[0] += g0  # global block index
             raise ScaleLayoutError(
-                f"scale is {float(s[tuple(bad)])} at block {bad}: the weights of that block would be NaN/Inf "
+                f"scale is {value} at block {bad}: the weights of that block would be NaN/Inf "
                 "(verify's reference)", file=str(self.index.file_path(lt.scale.tensor.file)),
                 tensor=lt.scale.tensor.name, expected=f"finite scales of magnitude at most {_SCALE_LIMIT:.4g}",
                 fix="the reference checkpoint is damaged; re-download or re-export it")
-        b0 = block[0]
-        s = s[r0 // b0: (r1 - 1) // b0 + 1]
+        s = s[r0 // b0 - g0: (r1 - 1) // b0 + 1 - g0]
         for d, b in enumerate(block):
             s = s.repeat_interleave(b, dim=d)
         s = s[r0 - (r0 // b0) * b0:][: r1 - r0]
