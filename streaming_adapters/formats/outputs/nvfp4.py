@@ -51,6 +51,18 @@ class NVFP4Target(OutputTarget):
             OutputTensor(g, "F32", self.scale_shape, lt.name, "global_scale"),
         ] + ([OutputTensor(i, "F32", self.scale_shape, lt.name, "input_scale")] if w4a4 else [])
 
+    #: (global scale of an amax, quantize rows, decode rows): the producer's functions in numerics/nvfp4.py
+    _math: ClassVar[tuple[Any, Any, Any]]
+
+    def global_scale(self, amax):
+        return self._math[0](amax)
+
+    def quantize(self, rows, global_scale):
+        return self._math[1](rows, global_scale)
+
+    def decode(self, packed, block_scale, global_scale):
+        return self._math[2](packed, block_scale, global_scale)
+
     def quantized_parts(self, module, index):
         p, s, g, _ = (f"{module}.{x}" for x in self.suffixes)
         if g not in index:  # the global scale is the one name only a quantized module has
@@ -77,14 +89,7 @@ class CompressedTensorsTarget(NVFP4Target):
     suffixes = ("weight_packed", "weight_scale", "weight_global_scale", "input_global_scale")
     scale_shape = (1,)
 
-    def global_scale(self, amax):
-        return nvfp4.ct_global_scale(amax)
-
-    def quantize(self, rows, global_scale):
-        return nvfp4.quantize_ct(rows, global_scale)
-
-    def decode(self, packed, block_scale, global_scale):
-        return nvfp4.dequantize_ct(packed, block_scale, global_scale)
+    _math = (nvfp4.ct_global_scale, nvfp4.quantize_ct, nvfp4.dequantize_ct)
 
     def input_scale(self, amax: float) -> torch.Tensor:
         # generate_gparam(amax): the weight's global-scale function on the BF16 activation amax (formats.md §4)
@@ -135,14 +140,7 @@ class ModelOptTarget(NVFP4Target):
     suffixes = ("weight", "weight_scale", "weight_scale_2", "input_scale")
     scale_shape = ()
 
-    def global_scale(self, amax):
-        return nvfp4.modelopt_scale_2(amax)
-
-    def quantize(self, rows, global_scale):
-        return nvfp4.quantize_modelopt(rows, global_scale)
-
-    def decode(self, packed, block_scale, global_scale):
-        return nvfp4.dequantize_modelopt(packed, block_scale, global_scale)
+    _math = (nvfp4.modelopt_scale_2, nvfp4.quantize_modelopt, nvfp4.dequantize_modelopt)
 
     def input_scale(self, amax: float) -> torch.Tensor:
         a = torch.tensor(amax, dtype=torch.float32)
