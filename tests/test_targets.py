@@ -3,7 +3,6 @@ reference (convert/verify_reference.py): issue 12, items 3 and 6."""
 
 from __future__ import annotations
 
-import json
 import sys
 import warnings
 

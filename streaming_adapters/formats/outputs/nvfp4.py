@@ -16,7 +16,7 @@ unquantized (lm_head, routers, vision tower...), and FP8 weights with ``K % 16 !
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 import torch
 
