@@ -115,7 +115,7 @@ def test_ignore_syntax_is_compressed_tensors_with_the_old_spellings_warned():
     assert not p.matches("lm_head.extra") and not p.matches("x.lm_head")  # exact: no prefix, no suffix
     assert p.matches("model.layers.1.mlp.down_proj", "model.layers.1.mlp.down_proj.weight")  # a tensor name
     with pytest.warns(DeprecationWarning, match=r"'model\.layers\.\*\.mlp\.up_proj' is deprecated; write "
-                      r"'re:model\\\\.layers\\\\..\*\\\\.mlp\\\\.up_proj\$'"):
+                      r"'re:model\\\.layers\\\..\*\\\.mlp\\\.up_proj\$'"):
         g = compile_patterns(["model.layers.*.mlp.up_proj"])
     assert g.matches("model.layers.7.mlp.up_proj") and not g.matches("model.layers.7.mlp.up_proj_x")
     new = compile_patterns([glob_as_regex("model.layers.*.mlp.up_proj")])
@@ -123,7 +123,7 @@ def test_ignore_syntax_is_compressed_tensors_with_the_old_spellings_warned():
         assert new.matches(m) == g.matches(m), m
     cfg = compile_patterns(["model.visual"], where="config.json", legacy="prefix")
     with pytest.warns(DeprecationWarning, match=r"'model.visual' matches the modules below it by prefix.*"
-                      r"write 're:model\\\\.visual\\\\.'"):
+                      r"write 're:model\\\.visual\\\.'"):
         assert cfg.matches("model.visual.blocks.0.attn.qkv")
     assert not cfg.matches("model.visualx")
     with pytest.raises(IgnorePatternError, match=r"pattern 're:\(' is not a valid regular expression") as e:

@@ -63,7 +63,7 @@ class ModulePatterns:
                     ) from None
             elif _GLOB.search(item) and self.legacy == "glob":
                 warnings.warn(
-                    f"{self.where}: the fnmatch pattern {item!r} is deprecated; write {glob_as_regex(item)!r} "
+                    f"{self.where}: the fnmatch pattern {item!r} is deprecated; write '{glob_as_regex(item)}' "
                     "(compressed-tensors' syntax: exact module names or 're:' regexes)",
                     DeprecationWarning, stacklevel=4)
                 self._compiled.append(("glob", item, item))
@@ -90,7 +90,7 @@ class ModulePatterns:
             self._warned.add(item)
             warnings.warn(
                 f"{self.where}: {item!r} matches the modules below it by prefix, which is deprecated "
-                f"(compressed-tensors matches exact names only); write {'re:' + re.escape(item) + chr(92) + '.'!r}",
+                f"(compressed-tensors matches exact names only); write 're:{re.escape(item)}\\.'",
                 DeprecationWarning, stacklevel=3)
 
 
