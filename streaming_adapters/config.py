@@ -53,7 +53,8 @@ class OutputConfig:
     restart: bool = False
     """Discard an unfinished ``.partial`` output from different inputs instead of refusing."""
     ignore: list[str] = field(default_factory=list)
-    """Extra modules kept out of NVFP4 (fnmatch patterns or ``re:`` regexes)."""
+    """Extra modules kept out of NVFP4, compressed-tensors' syntax: exact module (or tensor) names and
+    ``re:`` regexes (``re:.*mlp\\.gate$``); fnmatch globs still work, with a deprecation warning."""
 
 
 @dataclass

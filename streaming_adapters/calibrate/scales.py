@@ -15,7 +15,7 @@ import re
 
 import torch
 
-from ..numerics import nvfp4
+from ..formats.outputs import get_target
 
 # Modules that read the same input tensor (formats.md §4): vLLM merges them and takes max() of their
 # input scales, warning when they differ, so they are written equal.
@@ -25,16 +25,8 @@ _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(.+)$")
 
 
 def input_scale(fmt: str, amax: float) -> torch.Tensor:
-    """The stored input scale of one Linear (fp32, the shape its format writes)."""
-    a = torch.tensor(amax, dtype=torch.float32)
-    if fmt == "compressed-tensors":
-        return nvfp4.ct_global_scale(a.to(torch.bfloat16))
-    if fmt == "modelopt":
-        if amax == 0 or math.isnan(amax):
-            # ModelOpt (export/quant_utils) replaces a zero / NaN activation amax by 6 with a warning.
-            a = torch.tensor(6.0, dtype=torch.float32)
-        return nvfp4.modelopt_scale_2(a)
-    raise ValueError(f"format must be compressed-tensors or modelopt, got {fmt!r}")
+    """The stored input scale of one Linear (fp32, the shape its format writes): the output target's."""
+    return get_target(fmt).input_scale(amax)  # ValueError for a format that is not registered
 
 
 def unify(amax: dict[str, float], *, experts: bool = False) -> dict[str, float]:

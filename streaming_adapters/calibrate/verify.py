@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import math
 
+from ..formats.outputs import get_target
 from .scales import INPUT_SHARING
-
-SUFFIX = {"compressed-tensors": ".input_global_scale", "modelopt": ".input_scale"}
 
 
 def is_w4a4(config: dict, fmt: str | None) -> bool:
-    qc = config.get("quantization_config") or {}
-    if fmt == "compressed-tensors":
-        return any(g.get("input_activations") for g in (qc.get("config_groups") or {}).values())
-    return fmt == "modelopt" and qc.get("quant_algo") == "NVFP4"
+    """Whether a written config declares activation scales (the output target decides)."""
+    return fmt is not None and get_target(fmt).is_w4a4(config)
 
 
 def check_input_scales(modules: list[str], fmt: str, read) -> tuple[int, list[str]]:
@@ -23,12 +20,13 @@ def check_input_scales(modules: list[str], fmt: str, read) -> tuple[int, list[st
     output (None when absent).  Returns (scales checked, problems)."""
     problems: list[str] = []
     value: dict[str, float] = {}
+    suffix = get_target(fmt).input_scale_suffix  # the output target names it (formats/outputs/nvfp4.py)
     for mod in modules:
-        v = read(mod + SUFFIX[fmt])
+        v = read(mod + suffix)
         if v is None:
-            problems.append(f"{mod}: no {SUFFIX[fmt][1:]}")
+            problems.append(f"{mod}: no {suffix[1:]}")
         elif not math.isfinite(v) or v <= 0:
-            problems.append(f"{mod}: {SUFFIX[fmt][1:]} = {v} (must be finite and > 0)")
+            problems.append(f"{mod}: {suffix[1:]} = {v} (must be finite and > 0)")
         else:
             value[mod] = v
     groups: dict[tuple, dict[str, float]] = {}

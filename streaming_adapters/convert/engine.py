@@ -38,7 +38,6 @@ from ..report import MemoryMonitor, RankStats
 from .plan import DEFAULT_STEP_BYTES, ConversionPlan, Piece, Step, make_plan, source_fingerprint
 from .report import ConvertReport
 from .staging import StagedOutput, kill_point, write_error
-from .targets import modelopt_hf_quant_config, output_config
 
 
 def convert_checkpoint(
@@ -65,8 +64,10 @@ def convert_checkpoint(
     """Convert an FP8 (or BF16) checkpoint into a BF16 or NVFP4 checkpoint at ``dst``.
 
     Called on every rank of ``process_group`` (or alone).  ``target``: ``"bf16"`` or ``"nvfp4"``;
-    ``format`` (nvfp4): ``"compressed-tensors"`` (default) or ``"modelopt"``.  ``ignore``: module names
-    or patterns (fnmatch, or ``re:`` regex) kept out of NVFP4.  The output is byte-identical for any world
+    ``format`` (nvfp4): ``"compressed-tensors"`` (default) or ``"modelopt"``.  ``ignore``: modules kept out
+    of NVFP4, as compressed-tensors writes them: exact module (or tensor) names and ``re:`` regexes
+    (``re.match`` on the module name); fnmatch globs still work with a DeprecationWarning that shows the
+    ``re:`` spelling (formats/ignore.py).  The output is byte-identical for any world
     size; a killed run resumes from its last finished step when called again with the same arguments.
     ``sync_every_s``: how often the written steps are fsynced and recorded as done (the resume points);
     0 = after every step.  Between sync points ranks run without barriers.
@@ -429,25 +430,20 @@ def _read_step(plan, step, rank, filler, staged, dev, budget, amax, unit_of, hel
 
 
 def _quantize_step(plan, filler, staged, dev, amax, unit_of, held, blocked, budget) -> None:
+    target = plan.output_target
     def quantize(piece: Piece, r0: int, buf: torch.Tensor) -> None:
         outs = {o.role: o for o in plan.outputs[piece.tensor]}
         a = amax[unit_of[piece.tensor]].to(torch.bfloat16)
-        if plan.format == "compressed-tensors":
-            gs = nvfp4.ct_global_scale(a)
-            packed, scale = nvfp4.quantize_ct(buf, gs)
-        else:
-            gs = nvfp4.modelopt_scale_2(a)
-            packed, scale = nvfp4.quantize_modelopt(buf, gs)
+        gs = target.global_scale(a)
+        packed, scale = target.quantize(buf, gs)
         _write_rows(staged, plan, outs["packed"], r0, packed)
         _write_rows(staged, plan, outs["block_scale"], r0, scale)
         if r0 == 0:
             gs_out = outs["global_scale"]
             staged.pwrite(*plan.location(gs_out)[:2], _bytes(gs.to(torch.float32).reshape(gs_out.shape)))
             if "input_scale" in outs:  # W4A4: from the calibrated table (calibrate/scales.py)
-                from ..calibrate.scales import input_scale
-
                 o = outs["input_scale"]
-                x = input_scale(plan.format, plan.input_amax[piece.tensor[: -len(".weight")]])
+                x = target.input_scale(plan.input_amax[piece.tensor[: -len(".weight")]])
                 staged.pwrite(*plan.location(o)[:2], _bytes(x.reshape(o.shape)))
 
     while held:
@@ -465,7 +461,5 @@ def _finalize(plan: ConversionPlan, staged: StagedOutput, index: CheckpointIndex
     weight_map = {name: f for name, f in sorted(plan.file_of.items())}
     index_json = {"metadata": {"total_size": sum(o.nbytes for outs in plan.outputs.values() for o in outs)},
                   "weight_map": weight_map}
-    extra = {"config.json": output_config(index.config, plan.target, plan.format, plan.ignore, plan.w4a4)}
-    if plan.format == "modelopt":
-        extra["hf_quant_config.json"] = modelopt_hf_quant_config(plan.ignore, plan.w4a4)
+    extra = plan.output_target.output_files(index.config, plan.ignore, plan.w4a4)
     staged.finalize(index_json, extra, index.path, overwrite)

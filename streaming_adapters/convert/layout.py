@@ -12,38 +12,16 @@ from several processes, so the header is built here, in exactly the order and pa
 from __future__ import annotations
 
 import json
-import math
 import struct
 from dataclasses import dataclass
+
+from ..formats.outputs.base import OutputTensor  # noqa: F401 -- the targets that name outputs own it
 
 # safetensors' Dtype enum order (safetensors/src/tensor.rs); save_file sorts by it, largest first.
 _DTYPE_ORDER = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16",
                 "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64"]
 ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
             "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
-
-
-@dataclass(frozen=True)
-class OutputTensor:
-    """One tensor of the output checkpoint and how it is produced from a logical source tensor.
-
-    role: ``copy`` (stored bytes as they are), ``dequant`` (BF16 of an FP8 weight), ``packed`` /
-    ``block_scale`` / ``global_scale`` (NVFP4 parts of a weight).
-    """
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    source: str
-    role: str
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * ITEMSIZE[self.dtype]
-
-    @property
-    def row_bytes(self) -> int:
-        return math.prod(self.shape[1:]) * ITEMSIZE[self.dtype] if self.shape else self.nbytes
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import os
@@ -25,8 +24,9 @@ from ..checkpoint.index import CheckpointIndex
 from ..errors import AlreadyNVFP4Error, CheckpointError
 from ..formats import LogicalTensor, StreamingFP8StateDictAdapter
 from ..models.families import Family, get_family
+from ..formats.ignore import compile_patterns
 from .layout import FileLayout, OutputTensor, layout_file
-from .targets import NVFP4_GROUP, is_linear_weight, normalize_target, outputs_for
+from ..formats.outputs import OutputTarget, get_target, is_linear_weight, resolve_target
 
 # Deprecated: the bare leaf names the fused groups were once matched by, anywhere in a name.  The groups now live
 # with each model family (``models/families.py``: ``Family.fused``, paths relative to a decoder layer).
@@ -74,6 +74,11 @@ class ConversionPlan:
     input_amax: dict[str, float] = field(default_factory=dict)  # W4A4: module -> calibrated input amax
 
     @property
+    def output_target(self) -> OutputTarget:
+        """The output format object (formats/outputs): names, scales, quantizes and writes config."""
+        return get_target(self.format or self.target)
+
+    @property
     def w4a4(self) -> bool:
         return self.calibration is not None
 
@@ -87,9 +92,12 @@ class ConversionPlan:
         return sum(f.size for f in self.files.values())
 
 
-def _unit_key(name: str, family: Family | None = None) -> tuple[str, int] | None:
+def unit_key(name: str, family: Family | None = None) -> tuple[str, int] | None:
     """``(parent module, group)`` of a weight in one of the family's fused groups (default: any known group)."""
     return (family or get_family()).fused_group(name)
+
+
+_unit_key = unit_key  # the earlier private name
 
 
 def _layer_key(name: str, family: Family | None = None) -> tuple:
@@ -111,10 +119,11 @@ def make_plan(
 ) -> ConversionPlan:
     """``calibration`` (nvfp4 only): W4A4, every NVFP4 Linear gets an input-scale output; the dict (tokens'
     sha256, MoE rule) enters the fingerprint and the tokens' sha256 the files' metadata."""
-    target, fmt = normalize_target(target, fmt)
-    w4a4 = calibration is not None and target == "nvfp4"
+    out = resolve_target(target, fmt)
+    target, fmt = out.target, out.format
+    w4a4 = calibration is not None and out.quantizes
     logical = dict(adapter.plan.logical)
-    if target == "nvfp4" and adapter.layout == "nvfp4":
+    if out.quantizes and adapter.layout == "nvfp4":
         raise AlreadyNVFP4Error(
             f"the checkpoint is already NVFP4 ({adapter.name}): converting it to NVFP4 again would quantize "
             "its decoded BF16 weights a second time",
@@ -123,14 +132,13 @@ def make_plan(
             "(recipe dequantize_bf16) and quantize that",
         )
     user_ignore = list(ignore)
-
-    def ignored(mod: str) -> bool:
-        return any(fnmatch.fnmatchcase(mod, p) or (p.startswith("re:") and re.match(p[3:], mod)) for p in user_ignore)
+    # compressed-tensors' syntax (exact module / tensor names, 're:' regexes); fnmatch globs still work, warned.
+    ignored = compile_patterns(user_ignore, where="ignore (output.ignore)", legacy="glob")
 
     nvfp4: dict[str, bool] = {}
     ignore_list: set[str] = set()
     for name, lt in logical.items():
-        if target == "nvfp4" and lt.scale is not None and len(lt.shape) > 2:
+        if out.quantizes and lt.scale is not None and len(lt.shape) > 2:
             # Fused FP8 experts [E, N, K] (transformers 5 / Mistral-4): NVFP4 readers (vLLM's expert mapping,
             # TensorRT-LLM) want per-expert tensors (formats.md 2.4); writing them fused in BF16 beside an
             # NVFP4 config would give a checkpoint no reader loads.
@@ -141,12 +149,11 @@ def make_plan(
                 fix="convert with target=bf16 (fused experts are dequantized bit-exactly), or load the model "
                 "with transformers and save_pretrained it (it writes experts per expert) first",
             )
-        q = (target == "nvfp4" and lt.scale is not None and len(lt.shape) == 2
-             and lt.shape[1] % NVFP4_GROUP == 0 and not ignored(name[: -len(".weight")]))
+        q = out.quantizes and out.can_quantize(lt) and not ignored.matches(name[: -len(".weight")], name)
         nvfp4[name] = q
-        if target == "nvfp4" and is_linear_weight(lt) and not q:
+        if out.quantizes and is_linear_weight(lt) and not q:
             ignore_list.add(name[: -len(".weight")])
-    outputs = {n: outputs_for(lt, target, fmt, nvfp4[n], w4a4) for n, lt in logical.items()}
+    outputs = {n: out.outputs_for(lt, nvfp4[n], w4a4) for n, lt in logical.items()}
 
     # Files: mirror the source files.
     per_file: dict[str, list[OutputTensor]] = {}
@@ -173,7 +180,7 @@ def make_plan(
     order = sorted(logical, key=lambda n: (_layer_key(n, family), n))
     units: dict[tuple, list[str]] = {}
     for n in order:
-        key = _unit_key(n, family) if nvfp4[n] else None
+        key = unit_key(n, family) if nvfp4[n] else None
         units.setdefault(key if key is not None else ("single", n), []).append(n)
 
     # Steps by BF16 bytes, never splitting a unit.

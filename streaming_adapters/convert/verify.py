@@ -1,8 +1,9 @@
 """``verify_checkpoint``: what a user looks at before deploying a converted checkpoint.
 
-Both checkpoints are dequantized row chunk by row chunk (never a whole tensor): the reference FP8 with the
-package's reader, the NVFP4 output with the decoder of its format (compressed-tensors: ``s8 / gs``;
-ModelOpt: ``s8 * w2``).  Per tensor: relative error ``||out - ref|| / ||ref||``, SNR in dB and the max
+Both checkpoints are dequantized row chunk by row chunk (never a whole tensor): the reference FP8 by
+``verify_reference.py``, which shares no code with the conversion's writer (the ``safetensors`` library
+and plain torch), the NVFP4 output with the decoder of its format's output target (compressed-tensors:
+``s8 / gs``; ModelOpt: ``s8 * w2``).  Per tensor: relative error ``||out - ref|| / ||ref||``, SNR in dB and the max
 absolute error; BF16 and copied tensors must match bit for bit.  The fused-group rule is checked: every
 member of q/k/v, gate/up, q_a/kv_a, w1/w3 carries the same global scale, and it is the one the group's
 amax gives.  Tensors are spread over the ranks of ``process_group`` and the results gathered.
@@ -22,10 +23,11 @@ from ..checkpoint.byteio import BoxReader
 from ..checkpoint.index import CheckpointIndex
 from ..dist import all_gather_object, rank_and_world, run_then_gather
 from ..errors import CheckpointError
-from ..read import CpuExecutor, iter_subboxes
 from ..formats import get_adapter
-from ..numerics import nvfp4
-from .plan import _unit_key
+from ..formats.outputs import OutputTarget, get_target, target_of_config
+from ..models.families import get_family
+from .plan import unit_key
+from .verify_reference import ReferenceReader
 
 ROW_CHUNK_ELEMS = 1 << 22
 
@@ -97,17 +99,13 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _output_format(cfg: dict) -> str | None:
-    qc = cfg.get("quantization_config") or {}
-    if qc.get("quant_method") == "compressed-tensors" and qc.get("format") == "nvfp4-pack-quantized":
-        return "compressed-tensors"
-    if qc.get("quant_method") == "modelopt" and "NVFP4" in str(qc.get("quant_algo")):
-        return "modelopt"
-    if not qc:
-        return None
-    raise CheckpointError("the output is not an NVFP4 or BF16 checkpoint", file="config.json",
-                          expected="nvfp4-pack-quantized (compressed-tensors) or W4A16_NVFP4 / NVFP4 (modelopt)",
-                          fix="pass the folder written by convert_checkpoint")
+def _output_target(cfg: dict) -> OutputTarget:
+    target = target_of_config(cfg)
+    if target is None:
+        raise CheckpointError("the output is not an NVFP4 or BF16 checkpoint", file="config.json",
+                              expected="nvfp4-pack-quantized (compressed-tensors) or W4A16_NVFP4 / NVFP4 (modelopt)",
+                              fix="pass the folder written by convert_checkpoint")
+    return target
 
 
 def verify_checkpoint(
@@ -124,30 +122,30 @@ def verify_checkpoint(
         out_idx = CheckpointIndex.open(nvfp4_dir)
         ref_idx = CheckpointIndex.open(reference)
         ref_adapter = get_adapter(reference, index=ref_idx)
-        fmt = _output_format(out_idx.config)
+        target = _output_target(out_idx.config)
         logical = ref_adapter.plan.logical
         names = sorted(logical, key=lambda n: -math.prod(logical[n].shape))
         checks, missing = [], []
-        with BoxReader(ref_idx.path) as rio, BoxReader(out_idx.path) as oio:
-            filler = CpuExecutor(rio)
+        with ReferenceReader(ref_idx) as ref, BoxReader(out_idx.path) as oio:
             for name in [n for i, n in enumerate(names) if i % world == rank]:
                 try:
-                    checks.append(_check_tensor(name, logical[name], filler, oio, out_idx, fmt))
+                    checks.append(_check_tensor(name, logical[name], ref, oio, out_idx, target))
                 except KeyError as e:
                     missing.append(f"{name} ({e.args[0]})")
-        return VerifyReport(str(out_idx.path), str(ref_idx.path), fmt), checks, missing
+        return VerifyReport(str(out_idx.path), str(ref_idx.path), target.format), checks, missing
 
     report, checks, missing = run_then_gather(mine, process_group)
     for part in all_gather_object((checks, missing), process_group):
         report.tensors += part[0]
         report.missing += part[1]
     report.tensors.sort(key=lambda t: t.name)
-    _check_fused(report)
-    from ..calibrate.verify import check_input_scales, is_w4a4
+    _check_fused(report, get_family(CheckpointIndex.open(reference).config))
+    from ..calibrate.verify import check_input_scales
 
     out_idx = CheckpointIndex.open(nvfp4_dir)  # opened without error on every rank above (headers only)
-    fmt = _output_format(out_idx.config)
-    if is_w4a4(out_idx.config, fmt):
+    target = _output_target(out_idx.config)
+    fmt = target.format
+    if target.is_w4a4(out_idx.config):
         with BoxReader(out_idx.path) as oio:
             mods = [t.name[: -len(".weight")] for t in report.tensors if t.kind == "nvfp4"]
             report.input_scales, report.input_scale_problems = check_input_scales(
@@ -157,23 +155,33 @@ def verify_checkpoint(
     return report
 
 
-def _check_tensor(name, lt, filler: CpuExecutor, oio: BoxReader, out_idx: CheckpointIndex, fmt) -> TensorCheck:
+def _row_chunks(shape: tuple[int, ...]):
+    """``[r0, r1)`` row ranges of about ``ROW_CHUNK_ELEMS`` elements (one row at least)."""
+    rows = shape[0]
+    step = max(1, ROW_CHUNK_ELEMS // max(1, math.prod(shape[1:])))
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+def _check_tensor(name, lt, ref: ReferenceReader, oio: BoxReader, out_idx: CheckpointIndex,
+                  target: OutputTarget) -> TensorCheck:
     mod = name[: -len(".weight")] if name.endswith(".weight") else name
-    parts = _nvfp4_parts(mod, out_idx, fmt)
+    parts = target.quantized_parts(mod, out_idx)
     if parts is None:
         out = out_idx.tensors[name]
-        kind = "bf16" if lt.scale is not None else "copy"
-        check = TensorCheck(name, kind)
+        check = TensorCheck(name, "bf16" if lt.scale is not None else "copy")
         if tuple(out.shape) != tuple(lt.shape):
             check.exact = False
             return check
-        for s, n in iter_subboxes((0,) * len(lt.shape), tuple(lt.shape), ROW_CHUNK_ELEMS):
-            want = torch.empty(n, dtype=lt.dtype if lt.scale is None else torch.bfloat16)
-            filler.fill([(lt, s, n, want)])
-            got = oio.read(out, s, n)
-            if got.dtype != want.dtype or not torch.equal(got.reshape(-1).view(torch.uint8),
-                                                          want.reshape(-1).view(torch.uint8)):
+        if not lt.shape:  # 0-dim plain tensor
+            check.exact = _same_bytes(oio.read(out), ref.stored_rows(lt, 0, 0))
+            return check
+        for r0, r1 in _row_chunks(lt.shape):
+            want = ref.bf16_rows(lt, r0, r1) if lt.scale is not None else ref.stored_rows(lt, r0, r1)
+            got = oio.read(out, (r0,) + (0,) * (len(lt.shape) - 1), (r1 - r0, *lt.shape[1:]))
+            if not _same_bytes(got, want):
                 check.exact = False
+                break
         return check
     packed, scale, gscale = parts
     gs = oio.read(gscale).to(torch.float32).reshape(())
@@ -181,44 +189,37 @@ def _check_tensor(name, lt, filler: CpuExecutor, oio: BoxReader, out_idx: Checkp
     n_rows, k = lt.shape
     err2 = ref2 = 0.0
     amax = 0.0
-    step = max(1, ROW_CHUNK_ELEMS // k)
-    for r0 in range(0, n_rows, step):
-        r = min(step, n_rows - r0)
-        ref = torch.empty((r, k), dtype=torch.bfloat16)
-        filler.fill([(lt, (r0, 0), (r, k), ref)])
-        p = oio.read(packed, (r0, 0), (r, k // 2))
-        sc = oio.read(scale, (r0, 0), (r, k // 16))
-        got = nvfp4.dequantize_ct(p, sc, gs) if fmt == "compressed-tensors" else nvfp4.dequantize_modelopt(p, sc, gs)
-        d = got.float() - ref.float()
+    for r0, r1 in _row_chunks(lt.shape):
+        want = ref.bf16_rows(lt, r0, r1).float()
+        p = oio.read(packed, (r0, 0), (r1 - r0, packed.shape[1]))
+        sc = oio.read(scale, (r0, 0), (r1 - r0, scale.shape[1]))
+        d = target.decode(p, sc, gs).float() - want
         err2 += float((d * d).sum(dtype=torch.float64))
-        ref2 += float((ref.float() ** 2).sum(dtype=torch.float64))
+        ref2 += float((want ** 2).sum(dtype=torch.float64))
         check.max_abs_error = max(check.max_abs_error, float(d.abs().max()))
-        amax = max(amax, float(ref.float().abs().max()))
+        amax = max(amax, float(want.abs().max()))
     check.ref_amax = amax
     check.rel_error = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
     check.snr_db = 10 * math.log10(ref2 / err2) if err2 > 0 else math.inf
     return check
 
 
-def _nvfp4_parts(mod: str, idx: CheckpointIndex, fmt):
-    if fmt == "compressed-tensors" and f"{mod}.weight_packed" in idx:
-        return idx[f"{mod}.weight_packed"], idx[f"{mod}.weight_scale"], idx[f"{mod}.weight_global_scale"]
-    if fmt == "modelopt" and f"{mod}.weight_scale_2" in idx:
-        return idx[f"{mod}.weight"], idx[f"{mod}.weight_scale"], idx[f"{mod}.weight_scale_2"]
-    return None
+def _same_bytes(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return got.dtype == want.dtype and got.numel() == want.numel() and torch.equal(
+        got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8))
 
 
-def _check_fused(report: VerifyReport) -> None:
+def _check_fused(report: VerifyReport, family=None) -> None:
     """Members of a fused group share one global scale, and it is the one the group's amax gives."""
     groups: dict[tuple, list[TensorCheck]] = {}
     for t in report.tensors:
-        if t.kind == "nvfp4" and (key := _unit_key(t.name)) is not None:
+        if t.kind == "nvfp4" and (key := unit_key(t.name, family)) is not None:
             groups.setdefault(key, []).append(t)
     report.fused_groups = sum(1 for g in groups.values() if len(g) > 1)
+    target = get_target(report.format) if report.format else None
     for key, members in sorted(groups.items()):
         amax = torch.tensor(max(m.ref_amax for m in members), dtype=torch.bfloat16)
-        want = float(nvfp4.ct_global_scale(amax) if report.format == "compressed-tensors"
-                     else nvfp4.modelopt_scale_2(amax))
+        want = float(target.global_scale(amax))
         scales = {m.global_scale for m in members}
         if len(scales) != 1 or scales.pop() != want:
             report.fused_violations.append(

@@ -16,7 +16,6 @@ how its values are encoded; the numerics (``numerics/fp8.py``) handle all layout
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping
 import torch
 
 from ..checkpoint.index import CheckpointIndex, TensorInfo
+from .ignore import ModulePatterns, compile_patterns as _compile
 from ..errors import MissingScaleError, ScaleLayoutError, UnknownFormatError
 
 if TYPE_CHECKING:
@@ -321,28 +321,11 @@ class AdapterPlan:
     hidden: dict[str, TensorInfo]
 
 
-def compile_patterns(items: Iterable[str]) -> list[tuple[str, Any]]:
-    """Skip-list entries: exact names, ``re:`` regexes (``re.match``, compressed-tensors) or prefixes."""
-    out = []
-    for item in items or ():
-        if item.startswith("re:"):
-            try:
-                out.append(("re", re.compile(item[3:])))
-            except re.error as e:
-                raise ScaleLayoutError(
-                    f"target {item!r} is not a valid regular expression ({e})", file="config.json",
-                    tensor="quantization_config", expected="'re:<python regex>' or a module name",
-                    fix="repair the pattern in quantization_config (config_groups targets / ignore)",
-                ) from None
-        else:
-            out.append(("name", item))
-    return out
+def compile_patterns(items: Iterable[str]) -> ModulePatterns:
+    """Config targets / ignore entries, compressed-tensors' syntax (exact names, ``re:`` regexes;
+    formats/ignore.py).  A name matching the modules below it still works, with a DeprecationWarning."""
+    return _compile(items, where="config.json (quantization_config)", legacy="prefix")
 
 
-def matches_any(module: str, patterns: list[tuple[str, Any]]) -> bool:
-    for kind, p in patterns:
-        if kind == "re" and p.match(module):
-            return True
-        if kind == "name" and (module == p or module.startswith(p + ".")):
-            return True
-    return False
+def matches_any(module: str, patterns: ModulePatterns) -> bool:
+    return patterns.matches(module)
