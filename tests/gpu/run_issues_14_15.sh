@@ -24,7 +24,7 @@ if [[ $STEPS == *" base "* ]]; then
         timeout 100 bash -c "source tests/gpu/bench_fn.sh; bench base1_again llama70b 4 1 '[streaming_adapters,convert_nvfp4]'"
     fi
 fi
-mkdir -p /tmp/ev && ln -sfn /tmp/cal/ckpt /tmp/ev/fp8
+mkdir -p /tmp/ev; [[ $STEPS == *" cal "* && ! -e /tmp/ev/fp8 ]] && ln -sfn /tmp/cal/ckpt /tmp/ev/fp8
 if [[ $STEPS == *" cal "* ]]; then
     timeout ${CAL_T:-200} python3 benchmarks/calibration_w4a4.py --layers $L --samples ${CAL_SAMPLES:-512} \
         --workdir /tmp/cal 2>&1 | tee "$RES/calibration.txt" | grep -v "it/s\]$" | tail -12
