@@ -43,7 +43,10 @@ def truncate(*_):  # a shard cut short while the conversion runs (the test sets 
 
 signal.signal(signal.SIGUSR1, truncate)
 try:
-    if len(sys.argv) > 4 and sys.argv[4] == "verify":  # verify the converted dst against src
+    if len(sys.argv) > 4 and sys.argv[4] == "backend":  # ranks that disagree: rank 1 names a bad io_backend
+        convert_checkpoint(src, dst, target="nvfp4", io_backend="pread" if rank == 0 else sys.argv[5],
+                           progress=False)
+    elif len(sys.argv) > 4 and sys.argv[4] == "verify":  # verify the converted dst against src
         from streaming_adapters.convert.verify import verify_checkpoint
         verify_checkpoint(dst, src)
     elif len(sys.argv) > 4:  # the default 30 s sync: no sync point before the interrupt
@@ -193,3 +196,17 @@ def test_ctrl_c_on_every_rank_keeps_the_finished_steps(ck, body, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in want.iterdir())
     for p in want.iterdir():
         assert (out / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_one_rank_bad_option(ck, body, tmp_path):
+    """A value only rank 1 got wrong (io_backend): it used to fail on rank 1 alone when the reader opened,
+    after the last gathered point, leaving rank 0 to die at the first step's collective with gloo's
+    "connection closed".  Now every rank raises the same named error, before any output exists."""
+    t0 = time.time()
+    outs = _launch(body, [str(ck), str(tmp_path / "out"), SHARD, "backend", "bogus"], "plain", {})
+    _assert_every_rank(outs, ("CheckpointError",), "io_backend must be one of ('mmap', 'pread'), got 'bogus'")
+    for rank, (_, err) in enumerate(outs):
+        assert f"rank {rank} ERROR CheckpointError: conversion failed on rank 1: ValueError: io_backend" in err
+        assert "connection closed" not in err.lower(), err[-3000:]
+    assert time.time() - t0 < 120 and not (tmp_path / "out").exists()
+    assert not (tmp_path / "out.partial").exists()
