@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--gpu-gib", type=float, default=24)
     ap.add_argument("--host-gib", type=float, default=32)
     ap.add_argument("--workdir", default="/tmp/eval_bench")
+    ap.add_argument("--attn", default="eager", help="attn_implementation of the streamed layers (eager, sdpa)")
     a = ap.parse_args()
     import streaming_adapters as sa
     from streaming_adapters.testing.fixtures import make_checkpoint
@@ -59,7 +60,7 @@ def main() -> None:
     disk = cw.disk_rate(sorted(nv.glob("*.safetensors")))
     torch.cuda.reset_peak_memory_stats()
     r = sa.evaluate(nv, rows, device="cuda", host_budget_bytes=int(a.host_gib * GiB), work_dir=work / "spill",
-                    out_dir=work / "out", progress=True)
+                    out_dir=work / "out", progress=True, attn_implementation=a.attn)
     peak = torch.cuda.max_memory_allocated()
     h, i, kv, s = SHAPE["hidden_size"], SHAPE["intermediate_size"], 8 * 128, a.seq_len
     params = h * (2 * h + 2 * kv) + 3 * h * i
@@ -70,7 +71,7 @@ def main() -> None:
     floor = flops / flops_rate + nvfp4_bytes / disk + traffic / h2d + traffic / d2h
     print(f"BF16 matmul {flops_rate / 1e12:.0f} TFLOP/s, disk {disk / 1e9:.2f} GB/s, H2D {h2d / 1e9:.1f} GB/s, "
           f"D2H {d2h / 1e9:.1f} GB/s; floor per layer {floor:.1f} s; GPU peak {peak / GiB:.2f} GiB "
-          f"(cap {a.gpu_gib} GiB); hidden states {'spilled' if r['spilled'] else 'in host memory'}")
+          f"(cap {a.gpu_gib} GiB); attention {a.attn}; hidden states {'spilled' if r['spilled'] else 'in host memory'}")
     print("perplexity of random weights at these dims is astronomically large by construction (logits of random "
           "12288-wide layers); quality is measured on the trained model (benchmarks/quality_table.py)")
     for k, t in enumerate(r["layer_seconds"]):
