@@ -132,14 +132,15 @@ def verify_checkpoint(
                     checks.append(_check_tensor(name, logical[name], ref, oio, out_idx, target))
                 except KeyError as e:
                     missing.append(f"{name} ({e.args[0]})")
-        return VerifyReport(str(out_idx.path), str(ref_idx.path), target.format), checks, missing
+        report = VerifyReport(str(out_idx.path), str(ref_idx.path), target.format)
+        return report, checks, missing, get_family(ref_idx.config)
 
-    report, checks, missing = run_then_gather(mine, process_group)
+    report, checks, missing, family = run_then_gather(mine, process_group)
     for part in all_gather_object((checks, missing), process_group):
         report.tensors += part[0]
         report.missing += part[1]
     report.tensors.sort(key=lambda t: t.name)
-    _check_fused(report, get_family(CheckpointIndex.open(reference).config))
+    _check_fused(report, family)  # the reference's family, from the index opened above
     from ..calibrate.verify import check_input_scales
 
     out_idx = CheckpointIndex.open(nvfp4_dir)  # opened without error on every rank above (headers only)
