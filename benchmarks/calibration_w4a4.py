@@ -56,14 +56,28 @@ def copy_rates(nbytes: int = GiB) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
-def disk_rate(files: list[Path]) -> float:
+def drop_caches() -> None:
     os.system("sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null")  # cold when allowed (root)
+
+
+def disk_rate(files: list[Path]) -> float:
+    """Cold read rate of ``files``; the page cache is dropped again after, so the timed run starts cold too
+    (before 2026-12-07 it started with the checkpoint cached by this measurement)."""
+    drop_caches()
     t, n = time.perf_counter(), 0
     for f in files:
         with open(f, "rb") as fh:
             while chunk := fh.read(64 << 20):
                 n += len(chunk)
-    return n / (time.perf_counter() - t)
+    rate = n / (time.perf_counter() - t)
+    drop_caches()
+    return rate
+
+
+def attention_flops(seq_len: int, hidden: int, attn: str) -> int:
+    """QK^T and PV of one row: eager computes the whole S x S score matrix; sdpa's causal kernels skip the
+    masked half."""
+    return (4 if attn == "eager" else 2) * seq_len * seq_len * hidden
 
 
 def main() -> None:
@@ -74,6 +88,8 @@ def main() -> None:
     ap.add_argument("--gpu-gib", type=float, default=24)
     ap.add_argument("--host-gib", type=float, default=32)
     ap.add_argument("--workdir", default="/tmp/calib_bench")
+    ap.add_argument("--attn", default="eager",
+                    help="eager (llm-compressor's, the compressed-tensors default) or sdpa (ModelOpt's)")
     args = ap.parse_args()
 
     from streaming_adapters.calibrate.data import CalibrationTokens
@@ -100,30 +116,33 @@ def main() -> None:
     disk = disk_rate(sorted(ckpt.glob("*.safetensors")))
     t = time.perf_counter()
     res = calibrate_activations(ckpt, toks, targets, device="cuda", host_budget_bytes=int(args.host_gib * GiB),
-                                work_dir=work / "spill", progress=True)
+                                work_dir=work / "spill", progress=True,
+                                attn_implementation=args.attn)
     wall = time.perf_counter() - t
 
     h, i, kv, s = SHAPE["hidden_size"], SHAPE["intermediate_size"], 8 * 128, args.seq_len
     params = h * (2 * h + 2 * kv) + 3 * h * i
     tokens = args.samples * s
-    flops = 2 * params * tokens + 4 * s * s * h * args.samples          # Linears + QK^T and PV
+    flops = 2 * params * tokens + attention_flops(s, h, args.attn) * args.samples
     fp8_bytes = params * (1 + 4 / (128 * 128))                           # codes + block scales
     traffic = tokens * h * 2
     floor = flops / flops_rate + fp8_bytes / disk + traffic / h2d + traffic / d2h
     rows = []
     print(f"BF16 matmul {flops_rate / 1e12:.0f} TFLOP/s, disk {disk / 1e9:.2f} GB/s, H2D {h2d / 1e9:.1f} GB/s, "
-          f"D2H {d2h / 1e9:.1f} GB/s; hidden states {'spilled' if res.spilled else 'in host memory'}")
-    print(f"{'layer':>5} {'seconds':>8} {'floor s':>8} {'ratio':>6} {'GPU peak GiB':>12} {'host peak GiB':>13} "
-          f"{'+ hidden GiB':>12}")
+          f"D2H {d2h / 1e9:.1f} GB/s; attention {args.attn}; hidden states "
+          f"{'spilled' if res.spilled else 'in host memory'}")
+    print(f"{'layer':>5} {'seconds':>8} {'fill s':>7} {'floor s':>8} {'ratio':>6} {'GPU peak GiB':>12} "
+          f"{'host peak GiB':>13} {'+ hidden GiB':>12}")
     for L in res.layers:
         rows.append({**L, "floor_s": floor})
-        print(f"{L['layer']:>5} {L['seconds']:>8.1f} {floor:>8.1f} {L['seconds'] / floor:>6.2f} "
+        print(f"{L['layer']:>5} {L['seconds']:>8.2f} {L['fill_s']:>7.2f} {floor:>8.2f} {L['seconds'] / floor:>6.2f} "
               f"{(L['peak_gpu_bytes'] or 0) / GiB:>12.2f} {L['peak_host_bytes'] / GiB:>13.2f} "
               f"{L.get('hidden_host_bytes', 0) / GiB:>12.2f}")
     per_layer = sum(L["seconds"] for L in res.layers[1:]) / max(1, len(res.layers) - 1)
     print(f"total {wall:.1f} s; 88 layers extrapolated: {88 * per_layer / 60:.1f} min on one GPU")
     (work / "calibration_bench.json").write_text(json.dumps({"rows": rows, "wall_s": wall, "tflops": flops_rate / 1e12,
-                                                           "disk_gbps": disk / 1e9, "h2d": h2d, "d2h": d2h}, indent=1))
+                                                           "disk_gbps": disk / 1e9, "h2d": h2d, "d2h": d2h,
+                                                           "attn": args.attn}, indent=1))
 
 
 if __name__ == "__main__":

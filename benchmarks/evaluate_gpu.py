@@ -65,7 +65,7 @@ def main() -> None:
     h, i, kv, s = SHAPE["hidden_size"], SHAPE["intermediate_size"], 8 * 128, a.seq_len
     params = h * (2 * h + 2 * kv) + 3 * h * i
     tokens = a.rows * s
-    flops = 2 * params * tokens + 4 * s * s * h * a.rows
+    flops = 2 * params * tokens + cw.attention_flops(s, h, a.attn) * a.rows
     nvfp4_bytes = params * (0.5 + 1 / 16)  # codes + E4M3 block scales
     traffic = tokens * h * 2
     floor = flops / flops_rate + nvfp4_bytes / disk + traffic / h2d + traffic / d2h

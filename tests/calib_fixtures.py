@@ -45,7 +45,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def whole_model_amax(path, toks, attn: str = "eager") -> dict[str, float]:
+def whole_model_amax(path, toks, attn: str = "eager", device: str = "cpu") -> dict[str, float]:
     """Reference: the full BF16 model (transformers, eager, filled by the loader), every sample through
     ``model(input_ids, attention_mask)``, a running max |x| per Linear."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -54,9 +54,9 @@ def whole_model_amax(path, toks, attn: str = "eager") -> dict[str, float]:
     del cfg.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation=attn)
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     load_fp8_checkpoint(model, path, strict=False)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg).to(device)
     model.eval()
     amax: dict[str, torch.Tensor] = {}
     for name, mod in model.named_modules():
@@ -67,5 +67,6 @@ def whole_model_amax(path, toks, attn: str = "eager") -> dict[str, float]:
             mod.register_forward_pre_hook(pre)
     with torch.no_grad():
         for s in toks.samples:
-            model(input_ids=s[None], attention_mask=torch.ones(1, s.numel(), dtype=torch.int64), use_cache=False)
+            model(input_ids=s[None].to(device), attention_mask=torch.ones(1, s.numel(), dtype=torch.int64,
+                  device=device), use_cache=False)
     return {k: float(v) for k, v in amax.items()}

@@ -18,7 +18,7 @@ def rows(n=3, seed=0, lo=5, hi=33):
     return [torch.randint(3, 1000, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g) for _ in range(n)]
 
 
-def whole_model_logits(path, samples):
+def whole_model_logits(path, samples, device: str = "cpu"):
     """transformers' whole model (eager, filled by the project's loader), one row at a time."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -27,13 +27,13 @@ def whole_model_logits(path, samples):
         del cfg.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="eager")
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     load_fp8_checkpoint(model, path, strict=False)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg).to(device)
     model.eval()
     with torch.no_grad():
-        return [model(input_ids=s[None], attention_mask=torch.ones(1, s.numel(), dtype=torch.int64),
-                      use_cache=False).logits[0] for s in samples]
+        return [model(input_ids=s[None].to(device), attention_mask=torch.ones(1, s.numel(), dtype=torch.int64,
+                      device=device), use_cache=False).logits[0].cpu() for s in samples]
 
 
 def nll_of(logits, samples):

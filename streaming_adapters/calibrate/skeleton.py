@@ -29,8 +29,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import CheckpointError
-from ..models.families import get_key_mapper
+from ..models.families import get_family
 from ..models.load import load_fp8_checkpoint
+from ..read.prefetch import PageCachePrefetch
 
 _KWARGS_CACHE = 4  # distinct sequence lengths whose layer kwargs are kept (each up to S^2 BF16 of mask)
 
@@ -50,7 +51,10 @@ class Skeleton:
         self.device = device
         self.group = process_group
         raw = json.loads((self.checkpoint / "config.json").read_text())
-        self.mapper = get_key_mapper(raw)
+        self.family = get_family(raw)
+        self.mapper = self.family.mapper()
+        self._prefetch: PageCachePrefetch | None = None
+        self._ranges: dict[int, list[tuple[Path, int, int]]] | None = None
         config = AutoConfig.from_pretrained(str(self.checkpoint), local_files_only=True)
         config = copy.deepcopy(config.get_text_config())
         # The model is built in BF16 and filled by our reader: transformers must not set up its FP8 quantizer.
@@ -112,13 +116,41 @@ class Skeleton:
                 self.base.rotary_emb = type(rot)(config=self.config).to(self.device)
 
     def fill_layer(self, i: int) -> nn.Module:
+        """Materialize and fill decoder layer ``i``, then start reading layer ``i + 1``'s stored bytes into the
+        page cache (``read.prefetch``) so that they arrive while this layer computes."""
         layer = self.layers[i]
         layer.to_empty(device=self.device)
+        self.stop_prefetch()  # layer i's own prefetch, if still running: the fill reads the rest itself
         self.fill({f"{self.prefix}.{i}": layer})
+        if i + 1 < self.num_layers:
+            self._prefetch = PageCachePrefetch(self._layer_ranges().get(i + 1, []))
         return layer
 
     def free_layer(self, i: int) -> None:
         self.layers[i].to(torch.device("meta"))
+
+    def stop_prefetch(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.stop()
+            self._prefetch = None
+
+    def _layer_ranges(self) -> dict[int, list[tuple[Path, int, int]]]:
+        """Stored byte ranges (file, begin, end) of each decoder layer of the checkpoint, by layer index: the
+        tensors the family's ``layer_of`` puts under the layer prefix holding ``num_layers`` layers and the most
+        tensors (a VLM's vision tower has layers too)."""
+        if self._ranges is None:
+            from ..checkpoint.index import CheckpointIndex
+
+            index = CheckpointIndex.open(self.checkpoint)
+            by_prefix: dict[str, dict[int, list[tuple[Path, int, int]]]] = {}
+            for name, t in index.tensors.items():
+                where = self.family.layer_of(name)
+                if where is not None:
+                    by_prefix.setdefault(where[0], {}).setdefault(where[1], []).append(
+                        (index.file_path(t.file), t.begin, t.end))
+            fits = [v for v in by_prefix.values() if len(v) == self.num_layers]
+            self._ranges = max(fits, key=lambda v: sum(map(len, v.values()))) if fits else {}
+        return self._ranges
 
     def linear_names(self, i: int) -> dict[str, nn.Linear]:
         """Checkpoint module name -> the ``nn.Linear`` of layer ``i`` (the modules hooks go on)."""

@@ -33,6 +33,7 @@ class HiddenStore:
         self.files: list[Path] = []
         # Pinned rows of a GPU run take their layer outputs asynchronously (see ``write``).
         self._async = pin and not self.spilled
+        self.pinned = self._async  # rows in page-locked host memory (calibrate.forward overlaps their copies)
         if not self.spilled:
             self._src = torch.empty(self.offsets[-1], hidden, dtype=torch.bfloat16, pin_memory=pin)
             self._dst = self._src

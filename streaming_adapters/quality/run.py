@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..calibrate.data import CalibrationTokens, load_calibration_tokens
+from ..calibrate.forward import forward_rows
 from ..calibrate.skeleton import Skeleton
 from ..calibrate.store import HiddenStore
 from ..dist import all_gather_object, rank_and_world
@@ -54,12 +55,7 @@ class _Model:
         layer = self.sk.fill_layer(i)
         hooks = add_hooks(self.sk.linear_names(i), self.scales) if self.scales is not None else []
         try:
-            with torch.no_grad():
-                for j in range(len(self.store)):
-                    x = self.store.read(j).to(dev, non_blocking=True)
-                    out = layer(x[None], **self.sk.layer_kwargs(x.shape[0]))
-                    out = out[0] if isinstance(out, (tuple, list)) else out
-                    self.store.write(j, out[0])
+            forward_rows(layer, self.store, self.sk.layer_kwargs, dev)
         finally:
             for h in hooks:
                 h.remove()
@@ -88,6 +84,7 @@ class _Model:
             return head(norm(self.store.read(j).to(dev)[None]))[0]
 
     def close(self) -> None:
+        self.sk.stop_prefetch()
         self.store.close()
 
 

@@ -4,14 +4,15 @@
 # at Mistral-Large-123B layer shapes, and evaluate side by side with transformers on an 8B-shaped Llama.
 # STEPS picks what runs (default: all): tests base cal eval sxs.  Each step has its own time limit so one
 # stuck step cannot eat the call; logs come back in one tarball.  Knobs: CAL_SAMPLES (512), EV_ROWS (128),
-# LAYERS (2), CAL_T / EV_T / SXS_T (seconds).
+# LAYERS (2), CAL_T / EV_T / SXS_T / TESTS_T (seconds), TESTS (pytest paths), CAL_ATTNS / EV_ATTNS (attention
+# implementations to run, e.g. "eager sdpa").
 source tests/gpu/setup.sh
 source tests/gpu/bench_fn.sh
 set +e
 L=${LAYERS:-2}
 STEPS=" ${STEPS:-tests base cal eval sxs} "
 if [[ $STEPS == *" tests "* ]]; then
-    timeout 170 python3 -m pytest -q -x -p no:cacheprovider tests/gpu 2>&1 | tee "$RES/gpu_tests.txt" | tail -8
+    timeout ${TESTS_T:-170} python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/gpu} 2>&1 | tee "$RES/gpu_tests.txt" | tail -8
 fi
 if [[ $STEPS == *" base "* ]]; then
     timeout 150 bash -c "source tests/gpu/bench_fn.sh; bench base1 llama70b 4 1 '[raw_read,streaming_adapters,convert_nvfp4]'"
@@ -26,17 +27,27 @@ if [[ $STEPS == *" base "* ]]; then
 fi
 mkdir -p /tmp/ev; [[ $STEPS == *" cal "* && ! -e /tmp/ev/fp8 ]] && ln -sfn /tmp/cal/ckpt /tmp/ev/fp8
 if [[ $STEPS == *" cal "* ]]; then
-    timeout ${CAL_T:-200} python3 benchmarks/calibration_w4a4.py --layers $L --samples ${CAL_SAMPLES:-512} \
-        --workdir /tmp/cal 2>&1 | tee "$RES/calibration.txt" | grep -v "it/s\]$" | tail -12
-    cp /tmp/cal/calibration_bench.json "$RES/" 2>/dev/null
+    for attn in ${CAL_ATTNS:-eager}; do  # eager: llm-compressor's (compressed-tensors); sdpa: ModelOpt's
+        timeout ${CAL_T:-200} python3 benchmarks/calibration_w4a4.py --layers $L --samples ${CAL_SAMPLES:-512} \
+            --workdir /tmp/cal --attn $attn 2>&1 | tee "$RES/calibration-$attn.txt" | grep -v "it/s\]$" | tail -12
+        cp /tmp/cal/calibration_bench.json "$RES/calibration_bench-$attn.json" 2>/dev/null
+    done
 fi
 if [[ $STEPS == *" eval "* ]]; then
-    timeout ${EV_T:-200} python3 benchmarks/evaluate_gpu.py --layers $L --rows ${EV_ROWS:-128} --workdir /tmp/ev \
-        2>&1 | tee "$RES/evaluate.txt" | grep -v "it/s\]$" | tail -12
-    cp /tmp/ev/evaluate_bench.json "$RES/" 2>/dev/null
+    for attn in ${EV_ATTNS:-eager}; do
+        timeout ${EV_T:-200} python3 benchmarks/evaluate_gpu.py --layers $L --rows ${EV_ROWS:-128} --workdir /tmp/ev \
+            --attn $attn 2>&1 | tee "$RES/evaluate-$attn.txt" | grep -v "it/s\]$" | tail -12
+        cp /tmp/ev/evaluate_bench.json "$RES/evaluate_bench-$attn.json" 2>/dev/null
+    done
 fi
 if [[ $STEPS == *" sxs "* ]]; then
     timeout ${SXS_T:-240} python3 benchmarks/evaluate_side_by_side.py --device cuda --hidden 4096 --intermediate 14336 \
         --layers ${SXS_LAYERS:-4} --heads 32 --kv-heads 8 --vocab 128256 --rows ${SXS_ROWS:-16} --seq-len 2048 \
         --workdir /tmp/sxs 2>&1 | tee "$RES/side_by_side.txt" | grep -v "it/s\]$" | tail -14
+fi
+if [[ $STEPS == *" prof "* ]]; then  # after cal: its checkpoint
+    for attn in ${PROF_ATTNS:-eager}; do
+        timeout ${PROF_T:-90} python3 tests/gpu/profile_layer.py /tmp/cal/ckpt ${PROF_ROWS:-24} $attn 2>&1 \
+            | tee "$RES/profile-$attn.txt" | tail -30
+    done
 fi
