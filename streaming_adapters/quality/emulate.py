@@ -1,15 +1,25 @@
 """W4A4 activation emulation: NVFP4 quantize-dequantize of each quantized Linear's input, in a pre-hook.
 
-The runtime math of a W4A4 NVFP4 Linear (formats.md §2; vLLM's NVFP4 emulation, compressed-tensors'
-``forward_quantize`` with ``dynamic="local"``): per 16 input columns a dynamic block scale
+The runtime math of a W4A4 NVFP4 Linear as compressed-tensors' ``forward_quantize`` with ``dynamic="local"``
+writes it (formats.md §2): per 16 input columns a dynamic block scale
 ``s8 = e4m3(gs * bf16(amax_b / 6))`` (0 -> 0.125) under the stored global scale ``gs``, codes
 ``e2m1(x / (s8 / gs))``, then ``x' = bf16(LUT[q] * fl(s8 / gs))``.  That is exactly the weight path
 ``numerics.nvfp4.quantize_ct`` / ``dequantize_ct`` already matches bit for bit, applied to the activation
 rows with the *input* global scale, so the same code runs here (tests/test_evaluate_emulate.py checks it
 against compressed-tensors' ``compute_dynamic_scales_and_zp`` + ``fake_quantize``).
 
+vLLM's emulation (``nvfp4_emulation_utils.ref_nvfp4_quant``, and its Triton twin on a GPU) runs the same steps
+with two roundings placed differently: the block scale from the fp32 ``amax * fl(1/6)`` (not BF16 ``amax / 6``),
+and the codes from ``x * (gs / s8)`` (not ``x / (s8 / gs)``).  A block whose ``amax / 6`` is not a BF16 value
+can get the neighbouring E4M3 scale, and a value at a code boundary the neighbouring code.  Measured against
+vLLM's CPU emulation (tests/test_evaluate_emulate.py::test_emulation_against_vllms_cpu_emulation, 2026-12-07):
+1.1% of the elements differ, and both round trips are 8.24% (relative L2) from the activations: the same
+quality, not the same bits.
+
 Where the scale comes from: compressed-tensors stores ``<module>.input_global_scale`` (= gs); ModelOpt stores
-``<module>.input_scale`` (= amax / 2688), which vLLM turns into ``gs = 1 / input_scale``: we do the same.
+``<module>.input_scale`` (= amax / 2688), which vLLM's ``ModelOptNvFp4LinearMethod`` turns into
+``input_global_scale_inv = 1.0 / input_scale.max()`` (fp32, the max over a fused q/k/v or gate/up group) and
+quantizes with: we take the same fp32 reciprocal (the fused members' scales are equal in our outputs).
 
 Memory: one activation's codes and block scales (5/16 bytes per element) next to the activation.
 """
