@@ -80,6 +80,23 @@ def test_moe_experts_follow_each_producers_rule(checkpoints):
     assert every["model.layers.0.self_attn.q_proj"] == routed["model.layers.0.self_attn.q_proj"]
 
 
+def test_mixtral_experts_are_calibrated_under_their_stored_names(checkpoints):
+    """Mixtral stores ``block_sparse_moe.experts.{e}.w1/w3/w2``; the linearized experts (gate/up/down_proj) read
+    those tensors and their amax lands on the stored names.  Attention equals the whole model's."""
+    path = checkpoints("mixtral", "fp8_block")
+    targets = targets_of(path)
+    assert any(".block_sparse_moe.experts.0.w1" in t for t in targets)
+    got = calibrate_activations(path, tokens(3), targets, moe_all_experts=True).amax
+    assert set(got) == targets and all(v > 0 for v in got.values())
+    e = "model.layers.0.block_sparse_moe.experts."
+    n = sum(1 for t in targets if t.startswith(e) and t.endswith(".w1"))
+    assert n > 1 and len({got[f"{e}{i}.{w}"] for i in range(n) for w in ("w1", "w3")}) == 1  # all tokens
+    want = whole_model_amax(path, tokens(3))
+    for name in targets:
+        if ".self_attn." in name:
+            assert got[name] == want[name], name
+
+
 @pytest.mark.parametrize("where", ["spilled", "memory"])
 def test_sigkill_mid_calibration_resumes_at_the_last_finished_layer(checkpoints, tmp_path, where):
     """Spilled: the ping-pong files; in memory: the rows saved at the layer boundary (persist_every_s=0)."""

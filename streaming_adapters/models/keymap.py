@@ -103,6 +103,15 @@ class FusedExperts(KeyMapper):
         return prefixes
 
     def parts(self, key, shape, ckpt):
+        m = re.match(r"(.*)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", key)
+        if m and len(shape) == 2:
+            # One expert's nn.Linear (calibrate/moe.py linearizes the fused experts under these names): the
+            # stored tensor of that expert, e.g. Mixtral's ``block_sparse_moe.experts.3.w1`` for gate_proj.
+            model_prefix, e, proj = m.groups()
+            stored = {"gate_proj": self.gate, "up_proj": self.up, "down_proj": self.down}[proj]
+            hits = [f"{p}.experts.{e}.{stored}.weight" for p in self._prefixes(model_prefix)]
+            hits = [h for h in hits if h in ckpt]
+            return [Part(hits[0])] if hits else None
         m = re.match(rf"(.*)\.experts\.({re.escape(self.fused_gate_up)}|{re.escape(self.fused_down)})$", key)
         if not m or len(shape) != 3:
             return None
