@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from ..dist import all_gather_object, raise_on_all_ranks, rank_and_world
 from ..errors import CheckpointError
+from ..models.families import Family
 from .config import CalibrationConfig
 from .data import CalibrationTokens, load_calibration_tokens
 from .engine import CalibrationResult, calibrate_activations
@@ -50,9 +51,11 @@ def read_tokens(src: Path, cal: CalibrationConfig) -> CalibrationTokens:
 
 
 def calibration_table(plan, src: Path, tokens: CalibrationTokens, cal: CalibrationConfig, book: Path,
-                      group: dist.ProcessGroup | None, device: torch.device, progress: bool) -> CalibrationResult:
+                      group: dist.ProcessGroup | None, device: torch.device, progress: bool,
+                      family: Family | None = None) -> CalibrationResult:
     """The plan's input amax table: from ``book / calibration.json`` if an earlier run of this same plan
-    wrote it, else measured now (every rank) and written by rank 0.  Sets ``plan.input_amax``."""
+    wrote it, else measured now (every rank) and written by rank 0.  Sets ``plan.input_amax``, equal within
+    each of ``family``'s input-sharing (fused) groups."""
     rank, _ = rank_and_world(group)
     found: dict[str, Any] | None = None
     if rank == 0 and (book / TABLE).exists():
@@ -78,5 +81,5 @@ def calibration_table(plan, src: Path, tokens: CalibrationTokens, cal: Calibrati
                 error = CheckpointError(f"cannot save the calibration table: {e}", file=str(book / TABLE),
                                         fix="check free space and permissions of the output folder")
         raise_on_all_ranks(error, group)
-    plan.input_amax = unify(result.amax, experts=not plan.calibration["moe_all_experts"])
+    plan.input_amax = unify(result.amax, experts=not plan.calibration["moe_all_experts"], family=family)
     return result

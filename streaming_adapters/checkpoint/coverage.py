@@ -5,7 +5,8 @@ failed to download simply is not there: its tensors are absent, and a conversion
 checkpoint "successfully".  Two checks catch it from names alone:
 
 * the config's ``num_hidden_layers`` (or ``text_config``'s) says layers 0..N-1 exist: every one must have
-  at least one tensor (``...layers.<i>.``; extra ones such as DeepSeek's MTP layer N are allowed);
+  at least one tensor (a decoder layer as the checkpoint's family names it, ``Family.layer_of``:
+  ``...layers.<i>.`` by default; extra ones such as DeepSeek's MTP layer N are allowed);
 * files named ``model-0000k-of-0000n.safetensors`` must be all n of them (without an index: with one, the
   index names the files and each must exist).
 """
@@ -13,11 +14,15 @@ checkpoint "successfully".  Two checks catch it from names alone:
 from __future__ import annotations
 
 import re
+from collections import Counter
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
 from .index import INDEX_NAME, CheckpointIndex
 
-LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+if TYPE_CHECKING:
+    from ..models.families import Family
+
 SHARD = re.compile(r"^(?P<stem>.*?)-(?P<k>\d{5})-of-(?P<n>\d{5})\.safetensors$")
 
 
@@ -49,20 +54,33 @@ def missing_shard_files(files: list[str]) -> list[str]:
             for k in range(1, n + 1) if k not in have]
 
 
-def missing_layers(index: CheckpointIndex) -> tuple[int | None, list[int]]:
-    """(the config's layer count, the decoder layers below it that have no tensor)."""
+def missing_layers(index: CheckpointIndex, family: Family | None = None) -> tuple[int | None, list[int]]:
+    """(the config's layer count, the decoder layers below it that have no tensor); layers as ``family``
+    (default: the one of the config's ``model_type``) names them."""
+    return _scan_layers(index, family)[:2]
+
+
+def _scan_layers(index: CheckpointIndex, family: Family | None) -> tuple[int | None, list[int], str]:
+    """:func:`missing_layers`, and the prefix most layer tensors have (the language model's in a VLM)."""
     cfg = index.config
     n = cfg.get("num_hidden_layers")
     if n is None and isinstance(cfg.get("text_config"), dict):
         n = cfg["text_config"].get("num_hidden_layers")
-    have = {int(m.group(1)) for name in index.tensors if (m := LAYER.search(name))}
-    if not isinstance(n, int) or not have:  # no layer count, or names without `layers.<i>.`: cannot tell
-        return None, []
-    return n, [i for i in range(n) if i not in have]
+    if family is None:
+        from ..models.families import get_family  # models/ imports the loaders, which import this module
+
+        family = get_family(cfg)
+    layers = [li for name in index.tensors if (li := family.layer_of(name)) is not None]
+    if not isinstance(n, int) or not layers:  # no layer count, or no name of a decoder layer: cannot tell
+        return None, [], ""
+    have = {i for _, i in layers}
+    prefix = Counter(p for p, _ in layers).most_common(1)[0][0]
+    return n, [i for i in range(n) if i not in have], prefix
 
 
-def check_coverage(index: CheckpointIndex) -> None:
-    """Raise :class:`IncompleteCheckpointError` naming what is missing (shard files first: the likely cause)."""
+def check_coverage(index: CheckpointIndex, family: Family | None = None) -> None:
+    """Raise :class:`IncompleteCheckpointError` naming what is missing (shard files first: the likely cause).
+    ``family``: how decoder layers are named (default: the config's ``model_type``'s)."""
     # With an index, the index names the files (each checked to exist by CheckpointIndex.open); a series
     # gap then means the index chose other names, not a lost download.
     indexed = (index.path / INDEX_NAME).is_file()
@@ -73,10 +91,10 @@ def check_coverage(index: CheckpointIndex) -> None:
             f"{len(files)} numbered shard file(s) are missing: {shown}",
             file=str(index.path / files[0]), expected=f"every file of the series in {index.path}",
             fix="finish the download (huggingface-cli download resumes), or point at the complete folder")
-    n, layers = missing_layers(index)
+    n, layers, prefix = _scan_layers(index, family)
     if layers:
         raise IncompleteCheckpointError(
             f"decoder layer(s) {_ranges(layers)} of {n} have no tensors",
-            file=str(index.path), tensor=f"model.layers.{layers[0]}.*",
+            file=str(index.path), tensor=f"{prefix}.{layers[0]}.*",
             expected=f"tensors for every layer 0..{n - 1} (config.json num_hidden_layers={n})",
             fix="a shard file is missing or the download is incomplete: re-download the checkpoint")

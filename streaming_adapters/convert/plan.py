@@ -23,15 +23,14 @@ from dataclasses import dataclass, field
 from ..checkpoint.index import CheckpointIndex
 from ..errors import AlreadyNVFP4Error, CheckpointError
 from ..formats import LogicalTensor, StreamingFP8StateDictAdapter
-from ..models.families import Family, get_family
+from ..models.families import LEAF_GROUPS, Family, get_family
 from ..formats.ignore import compile_patterns
 from .layout import FileLayout, OutputTensor, layout_file
 from ..formats.outputs import OutputTarget, get_target, is_linear_weight, resolve_target
 
 # Deprecated: the bare leaf names the fused groups were once matched by, anywhere in a name.  The groups now live
 # with each model family (``models/families.py``: ``Family.fused``, paths relative to a decoder layer).
-FUSED_MEMBERS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"),
-                 ("w1", "w3"))
+FUSED_MEMBERS = LEAF_GROUPS
 # Written by the conversion next to the shards (and its bookkeeping folder, a dot-folder).
 _RESERVED = frozenset({"model.safetensors.index.json", "config.json", "hf_quant_config.json"})
 # 1 GiB of BF16 per step: a Llama-70B decoder layer (1.7 GB BF16) is two steps; per rank at world 8 a step

@@ -21,6 +21,7 @@ from ..checkpoint.index import CheckpointIndex
 from ..dist import all_gather_object, raise_on_all_ranks, rank_and_world, run_then_gather
 from ..errors import CheckpointError
 from ..formats import get_adapter
+from ..models.families import get_family
 from ..read import make_executor
 from ..report import MemoryMonitor, RankStats
 from .options import ConvertOptions
@@ -69,7 +70,8 @@ class Conversion:
         if self.tokens is not None and not self.committed:  # a committed output needs no input scales
             self.calibrated = calib.calibration_table(self.plan, self.src, self.tokens, self.options.calibration,
                                                       self.staged.root / BOOK, self.group, self.dev,
-                                                      self.options.progress and self.rank == 0)
+                                                      self.options.progress and self.rank == 0,
+                                                      get_family(self.index.config))
         self._gather(self._open_reader, self.src)
 
     def _gather(self, fn, where: Path) -> None:

@@ -150,7 +150,8 @@ def verify_checkpoint(
         with BoxReader(out_idx.path) as oio:
             mods = [t.name[: -len(".weight")] for t in report.tensors if t.kind == "nvfp4"]
             report.input_scales, report.input_scale_problems = check_input_scales(
-                mods, fmt, lambda n: float(oio.read(out_idx[n]).float().reshape(-1)[0]) if n in out_idx else None)
+                mods, fmt, lambda n: float(oio.read(out_idx[n]).float().reshape(-1)[0]) if n in out_idx else None,
+                family)
     if report_path is not None and rank == 0:
         report.to_json(report_path)
     return report

@@ -1,9 +1,12 @@
 """Model families: per ``model_type`` the data the loader and the conversion need about a model's names.
 
 A :class:`Family` holds the key mapper (model names -> checkpoint regions, ``keymap.py``), the fused groups
-(weights that share one NVFP4 global scale because they share an input: q/k/v, gate/up, ...), how decoder
-layers appear in names (``layer_of``) and where expert indices are (``expert_of``).  One registry, keyed on
-``config.json``'s ``model_type``, like vLLM's ``packed_modules_mapping`` kept per model.
+(modules that read one input: their NVFP4 weights share one global scale and, W4A4, their input scales are
+one), how decoder layers appear in names (``layer_of``), where expert indices are (``expert_of``) and which
+model tensors stack experts along dim 0 (``stacks_experts``).  One registry, keyed on ``config.json``'s
+``model_type``, like vLLM's ``packed_modules_mapping`` kept per model.  Every stage asks the checkpoint's
+family: coverage (layers), load planning (layers, stacked experts), conversion (fused groups, layer order),
+calibration (shared input scales, experts of a layer), layouts (pipeline stages, expert owners).
 
 Add or override a family in a few lines (docs/models.md runs this)::
 
@@ -27,6 +30,9 @@ from .keymap import Chain, FusedExperts, KeyMapper, Renames, Tied
 LAYERS = r"^((?:.*?\.)?layers)\.(\d+)\."
 # Per-expert tensors: ``mlp.experts.3.gate_proj.weight``, ``block_sparse_moe.experts.3.w1.weight``.
 EXPERTS = r"\.experts\.(\d+)\."
+# Model tensors that stack every expert along dim 0 (transformers 5's ``mlp.experts.gate_up_proj`` [E, 2I, H]):
+# a rank holding experts ``first ..`` as plain tensors sits at that row.  Per-expert names do not match.
+STACKED_EXPERTS = r"\.experts\.[A-Za-z_]\w*$"
 
 # Fused groups, as module paths relative to a decoder layer (``*`` = one name component, e.g. an expert index).
 # Members of a group are siblings (one parent module): they read the same input.
@@ -43,6 +49,11 @@ MIXTRAL_FUSED = ATTENTION_QKV + (("block_sparse_moe.experts.*.w1", "block_sparse
 VLM_FUSED = DENSE_FUSED + (("attention.q_proj", "attention.k_proj", "attention.v_proj"),
                            ("feed_forward.gate_proj", "feed_forward.up_proj"))
 
+# Deprecated: the bare leaf names fused groups were once matched by, anywhere in a name (kept as
+# ``convert.plan.FUSED_MEMBERS`` and ``calibrate.scales.INPUT_SHARING``); the groups above replace them.
+LEAF_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"),
+               ("w1", "w3"))
+
 
 def _pattern(rel: str) -> str:
     return r"\.".join("[^.]+" if p == "*" else re.escape(p) for p in rel.split("."))
@@ -53,15 +64,18 @@ class Family:
     """What the project knows about one model family's names.
 
     ``key_mapper``: a factory of the family's :class:`~.keymap.KeyMapper`.  ``fused``: groups of module paths
-    relative to a decoder layer whose NVFP4 weights share one global scale (formats.md §2.3).  ``layers``: a
-    regex whose groups 1 and 2 are a decoder layer's prefix and index.  ``experts``: a regex whose group 1 is
-    the expert index of a per-expert tensor."""
+    relative to a decoder layer that read one input, so their NVFP4 weights share one global scale
+    (formats.md §2.3) and their W4A4 input scales are written equal (§4).  ``layers``: a regex whose groups 1
+    and 2 are a decoder layer's prefix and index (checkpoint and model names).  ``experts``: a regex whose
+    group 1 is the expert index of a per-expert checkpoint tensor.  ``stacked_experts``: a regex matching the
+    model tensors whose dim 0 is the expert."""
 
     name: str
     key_mapper: Callable[[], KeyMapper]
     fused: tuple[tuple[str, ...], ...] = DENSE_FUSED
     layers: str = LAYERS
     experts: str = EXPERTS
+    stacked_experts: str = STACKED_EXPERTS
     _compiled: tuple = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -71,7 +85,8 @@ class Family:
                 raise ValueError(f"family {self.name!r}: fused group {group!r} must be a tuple of sibling module "
                                  "paths (one parent module, e.g. ('self_attn.q_proj', 'self_attn.k_proj'))")
         fused = [(re.compile(_pattern(m) + "$"), gi) for gi, group in enumerate(self.fused) for m in group]
-        object.__setattr__(self, "_compiled", (re.compile(self.layers), re.compile(self.experts), fused))
+        object.__setattr__(self, "_compiled", (re.compile(self.layers), re.compile(self.experts), fused,
+                                               re.compile(self.stacked_experts)))
 
     def mapper(self) -> KeyMapper:
         return self.key_mapper()
@@ -86,16 +101,31 @@ class Family:
         m = self._compiled[1].search(name)
         return int(m.group(1)) if m else None
 
-    def fused_group(self, name: str) -> tuple[str, int] | None:
-        """``(parent module, group index)`` of a weight (``....weight``) in a fused group, or None."""
-        layer = self._compiled[0].match(name)
-        if layer is None or not name.endswith(".weight"):
+    def any_expert(self, name: str) -> str | None:
+        """``name`` with its expert index replaced by ``*``: the name every expert of that MoE layer shares
+        (ModelOpt syncs the experts' input amax over it), or None for a name of no expert."""
+        m = self._compiled[1].search(name)
+        return name[: m.start(1)] + "*" + name[m.end(1):] if m else None
+
+    def stacks_experts(self, key: str) -> bool:
+        """Whether model tensor ``key`` holds every expert along dim 0 (``...experts.gate_up_proj``)."""
+        return self._compiled[3].search(key) is not None
+
+    def fused_module(self, module: str) -> tuple[str, int] | None:
+        """``(parent module, group index)`` of a module (``model.layers.0.self_attn.q_proj``) in a fused group,
+        or None: the modules that read one input."""
+        layer = self._compiled[0].match(module)
+        if layer is None:
             return None
-        rel = name[layer.end(): -len(".weight")]
+        rel = module[layer.end():]
         for pat, gi in self._compiled[2]:
             if pat.match(rel):
-                return name[: -len(".weight")].rpartition(".")[0], gi
+                return module.rpartition(".")[0], gi
         return None
+
+    def fused_group(self, name: str) -> tuple[str, int] | None:
+        """``(parent module, group index)`` of a weight (``....weight``) in a fused group, or None."""
+        return self.fused_module(name[: -len(".weight")]) if name.endswith(".weight") else None
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -128,10 +158,10 @@ def register_family(family: Family, *model_types: str) -> Family:
 
 
 def register_key_mapper(*model_types: str, fused: tuple[tuple[str, ...], ...] = DENSE_FUSED, layers: str = LAYERS,
-                        experts: str = EXPERTS):
+                        experts: str = EXPERTS, stacked_experts: str = STACKED_EXPERTS):
     """Decorator: register a key-mapper factory (and the family's data) for ``model_types``."""
     def deco(factory: Callable[[], KeyMapper]):
-        family = Family(model_types[0], factory, tuple(tuple(g) for g in fused), layers, experts)
+        family = Family(model_types[0], factory, tuple(tuple(g) for g in fused), layers, experts, stacked_experts)
         for mt in model_types:
             register_family(family, mt)
         return factory

@@ -97,7 +97,7 @@ def plan_load(destinations: dict[str, list[tuple[str, torch.Tensor]]], mapper: K
         part.model_keys.append(key)
         part.sources[key] = set()
         for ckpt_key, dest in items:
-            found = plan_requests({ckpt_key: dest}, mapper, logical, expert_range, seen=seen)
+            found = plan_requests({ckpt_key: dest}, mapper, logical, expert_range, seen=seen, family=family)
             if found.missing and key not in plan.missing[-1:]:
                 plan.missing.append(key)
             plan.details += found.details

@@ -20,11 +20,11 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from ..read import FLOAT_DESTINATIONS
+from .families import STACKED_EXPERTS, Family, get_family
 from .keymap import KeyMapper, Part
 
-# Fused expert tensors (``...experts.gate_up_proj``): dim 0 is the expert.  Per-expert tensors
-# (``experts.3.w1.weight``) do not match.
-FUSED_EXPERTS = re.compile(r"\.experts\.[A-Za-z_]\w*$")
+# Deprecated: which model tensors stack the experts along dim 0 is the family's (``Family.stacks_experts``).
+FUSED_EXPERTS = re.compile(STACKED_EXPERTS)
 
 
 @dataclass
@@ -61,11 +61,13 @@ class _Ckpt:
         return tuple(self.logical[key].shape)
 
 
-def local_geometry(t: torch.Tensor, key: str = "", expert_range: tuple[int, int] | None = None):
+def local_geometry(t: torch.Tensor, key: str = "", expert_range: tuple[int, int] | None = None,
+                   family: Family | None = None):
     """(local tensor, its global offset, global shape) for a DTensor or a plain tensor.
 
-    ``expert_range=(first, num_experts)``: plain fused-expert tensors hold experts ``first ..`` of
-    ``num_experts`` (expert parallelism without DTensors)."""
+    ``expert_range=(first, num_experts)``: plain tensors that stack the experts (the family's
+    ``stacks_experts``, default: every known layout) hold experts ``first ..`` of ``num_experts`` (expert
+    parallelism without DTensors)."""
     if isinstance(t, DTensor):
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -73,7 +75,7 @@ def local_geometry(t: torch.Tensor, key: str = "", expert_range: tuple[int, int]
             return t.to_local(), (0,) * t.ndim, tuple(t.shape)
         _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
         return t.to_local(), tuple(offset), tuple(t.shape)
-    if expert_range is not None and t.ndim >= 1 and FUSED_EXPERTS.search(key):
+    if expert_range is not None and t.ndim >= 1 and (family or get_family()).stacks_experts(key):
         first, total = expert_range
         return t, (first,) + (0,) * (t.ndim - 1), (total, *t.shape[1:])
     return t, (0,) * t.ndim, tuple(t.shape)
@@ -110,15 +112,17 @@ def overlapping(regions: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> tuple
 
 
 def plan_requests(state_dict: dict, mapper: KeyMapper, logical: dict,
-                  expert_range: tuple[int, int] | None = None, seen: set | None = None) -> Plan:
+                  expert_range: tuple[int, int] | None = None, seen: set | None = None,
+                  family: Family | None = None) -> Plan:
     """The rank's requests and the mapping's findings (see the module docstring).  ``seen``: the storages
-    already planned (shared between calls that plan one model piece by piece)."""
+    already planned (shared between calls that plan one model piece by piece); ``family``: the checkpoint's
+    (which tensors stack experts)."""
     ckpt, plan = _Ckpt(logical), Plan()
     seen = set() if seen is None else seen
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             continue
-        local, offset, shape = local_geometry(value, key, expert_range)
+        local, offset, shape = local_geometry(value, key, expert_range, family)
         parts = mapper.parts(key, shape, ckpt)
         if local.numel():
             # Tied: the same storage (and view of it) under another name is filled once; a checkpoint that
