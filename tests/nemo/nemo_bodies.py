@@ -244,6 +244,15 @@ def load_and_check(path, layout: str | None = None, *, hook: bool, peft: bool = 
     return result
 
 
+def load_error(path, layout: str | None) -> tuple[str | None, str]:
+    """``from_pretrained`` with the hook, expected to fail: (exception class name, message) on this rank."""
+    try:
+        from_pretrained(path, layout, hook=True)
+    except Exception as e:  # noqa: BLE001 -- the test compares what each rank raised
+        return type(e).__name__, str(e)
+    return None, ""
+
+
 # -- memory ---------------------------------------------------------------------------------------------
 def memory_body(path, layout: str, hook: bool) -> dict:
     """A load with monotonic marks (sampled from outside), the local shard's bytes and the whole model's."""
