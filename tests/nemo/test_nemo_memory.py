@@ -3,8 +3,10 @@ sampled from outside the ranks (``/proc/<pid>/status`` RssAnon, every 2 ms, by t
 
 A 150M-parameter Llama-shaped block-FP8 checkpoint (hidden 1024, 12 layers, vocab 8000; 300 MB in BF16), as
 NeMo's Llama class and, with the same tensors, as a Mistral checkpoint (a class NeMo leaves to transformers).
-With the hook each rank holds its shard plus one load part's FP8 codes; without it the Mistral load builds
-and dequantizes the whole BF16 model on every rank before sharding (NeMo issue #2114)."""
+With the hook each rank holds its shard plus the read core's transient (one staging buffer of the largest
+box, at most ``chunk_bytes``, + scratch); without it the Mistral load builds and dequantizes the whole BF16 model
+on every rank before sharding (NeMo issue #2114).  The before/after of the parts' host temporaries (removed)
+is measured on larger layers by ``benchmarks/nemo_host_peak.py``."""
 
 from __future__ import annotations
 
@@ -87,9 +89,9 @@ def test_fsdp2_peak_rss_is_the_shard_not_the_model(big, nemo_checkpoints):
         for r in table[key]:
             assert r["samples"] > 50, r
             assert r["end"] >= 0.9 * r["shard"], (key, r)                           # the shard was written
-            assert r["peak"] <= r["shard"] + r["temporary"] + 64 * MiB, (key, r)  # shard + one part + NeMo's own
+            assert r["peak"] <= r["shard"] + r["temporary"] + 64 * MiB, (key, r)  # shard + transient + NeMo's own
             assert r["peak"] < 0.7 * r["full"], (key, r)                            # never the whole model
-            assert r["parts"] == 13 and r["temporary"] < 16 * MiB, (key, r)         # one decoder layer per part
+            assert r["parts"] == 13 and r["temporary"] < 16 * MiB, (key, r)  # 13 parts; staging of the 7.8 MiB box
     for r in table[("Mistral (transformers class)", "no hook: whole model per rank")]:
         # NeMo today: the whole BF16 model on every rank (its BF16 embeddings and head, 11% of this model, may stay
         # page-cache views of the file, which RssAnon does not count)

@@ -63,7 +63,7 @@ def test_tied_checkpoint(nemo_checkpoints):
 
 
 def test_parts_are_bounded_by_one_decoder_layer(nemo_checkpoints):
-    """One part per decoder layer plus one for the rest; the largest temporary is at most one layer's FP8 codes
+    """One part per decoder layer plus one for the rest; the read transient stays within one layer's FP8 codes
     and scales plus the dequantization scratch; a smaller max_part_bytes splits layers and stays exact."""
     import json
 
