@@ -2,7 +2,7 @@
 
 Each rank's peak ``RssAnon`` during ``NeMoAutoModelForCausalLM.from_pretrained`` (FSDP2 on 2 gloo ranks, CPU),
 sampled every 2 ms from outside the ranks (``testing/rss.RssSampler``), minus its value when the load starts;
-each load in fresh processes after a warm-up load of a 1-layer model (imports and first-call caches stay
+each load in fresh processes after a warm-up load of a small 1-layer model (imports and first-call caches stay
 outside the measurement), as ``tests/nemo/test_nemo_memory.py`` does::
 
     python benchmarks/nemo_host_peak.py --python .venv-nemo/bin/python --tree old=073565c --tree new=.
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -33,39 +34,16 @@ SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, 
              head_dim=128, vocab_size=8000, tie_word_embeddings=False)
 
 
-def make_checkpoint(path: Path, layers: int) -> Path:
-    """A block-FP8 Llama checkpoint of SHAPE (``bench.checkpoint.fabricate``'s writer, our shape)."""
+def make_checkpoint(path: Path, layers: int, shape: str = "nemo_peak") -> Path:
+    """A block-FP8 Llama checkpoint of SHAPE (``bench.checkpoint.fabricate``'s writer, our shape) or a preset."""
     from streaming_adapters.bench import checkpoint as ck
 
     ck.SHAPES.setdefault("nemo_peak", ("llama", SHAPE))  # this script's shape, beside the named presets
-    ck.fabricate(path, "nemo_peak", layers=layers)
+    ck.fabricate(path, shape, layers=layers)
     cfg = json.loads((path / "config.json").read_text())
     cfg.update(architectures=["LlamaForCausalLM"], model_type="llama", torch_dtype="bfloat16")
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     return path
-
-
-def measure(path: str, warmup: str) -> list[dict]:
-    """One load per fresh pair of ranks; per rank: peak / end RssAnon over the start, shard, stats."""
-    import nemo_bodies as B
-
-    from streaming_adapters.testing.dist_pool import ProcessGroupPool
-    from streaming_adapters.testing.rss import RssSampler
-
-    pool = ProcessGroupPool(2, timeout_s=600)
-    try:
-        pool.run(B.memory_body, warmup, "fsdp2", True)
-        with RssSampler(pool.pids, interval_s=0.002) as rss:
-            results = pool.run(B.memory_body, path, "fsdp2", True)
-        rows = []
-        for pid, r in zip(pool.pids, results):
-            base = rss.at(pid, r["t0"])
-            rows.append({"peak": rss.peak(pid, r["t0"], r["t1"]) - base, "end": rss.at(pid, r["t1"]) - base,
-                         "shard": r["shard"], "temporary": r["temporary"], "parts": r["parts"],
-                         "seconds": r["seconds"]})
-        return rows
-    finally:
-        pool.close()
 
 
 def resolve_tree(spec: str, scratch: Path) -> Path:
@@ -81,10 +59,7 @@ def resolve_tree(spec: str, scratch: Path) -> Path:
 
 
 def run_tree(python: str, tree: Path, path: Path, warmup: Path) -> list[dict]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(p) for p in (tree, REPO / "tests", REPO / "tests/nemo")),
-               # glibc keeps freed blocks under its dynamic mmap threshold (up to 32 MiB) in the heap, where they
-               # stay in RssAnon: a fixed 1 MiB threshold makes RssAnon follow live allocations.
-               MALLOC_MMAP_THRESHOLD_=str(MiB))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(p) for p in (tree, REPO / "tests", REPO / "tests/nemo")))
     out = subprocess.run([python, __file__, "--measure", str(path), "--warmup", str(warmup)], env=env,
                          check=True, capture_output=True, text=True)
     line = out.stdout.strip().splitlines()[-1]
@@ -108,18 +83,27 @@ def main() -> None:
     if args.measure:  # child: one measurement with this interpreter's streaming_adapters
         import streaming_adapters
 
-        print(json.dumps({"package": streaming_adapters.__file__, "rows": measure(args.measure, args.warmup)}))
+        import nemo_bodies
+
+        rows = nemo_bodies.measure_peak(args.measure, True, args.warmup, timeout_s=600)
+        print(json.dumps({"package": streaming_adapters.__file__, "rows": rows}, default=str))
         return
     scratch = Path(tempfile.mkdtemp(prefix="nemo_host_peak_trees_"))
     trees = [(n, resolve_tree(p, scratch)) for n, p in (t.split("=", 1) for t in args.tree or [f"new={REPO}"])]
     root = Path(args.root)
     path = make_checkpoint(root / f"llama_{args.layers}l", args.layers)
-    warmup = make_checkpoint(root / "llama_1l_warmup", 1)
+    # A small warm-up model (hidden 1024, 11 MB of FP8): a large one could still be being freed when the
+    # measured load starts, lowering that rank's peak over its start (seen once: -78 MiB).
+    warmup = make_checkpoint(root / "tiny_1l_warmup", 1, "tiny")
     results: dict[str, list[list[dict]]] = {n: [] for n, _ in trees}
-    for _ in range(args.repeat):
-        for name, tree in trees:
-            results[name].append(run_tree(args.python, tree, path, warmup))
-            print(f"{name}: {[round(r['peak'] / MiB, 1) for r in results[name][-1]]}", file=sys.stderr, flush=True)
+    try:
+        for _ in range(args.repeat):
+            for name, tree in trees:
+                results[name].append(run_tree(args.python, tree, path, warmup))
+                print(f"{name}: {[round(r['peak'] / MiB, 1) for r in results[name][-1]]}", file=sys.stderr,
+                      flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     fp8 = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     print(f"checkpoint: {path} ({args.layers} layers, {fp8 / MiB:.0f} MiB on disk); FSDP2 on 2 gloo ranks, CPU")
     print("tree | run | rank | shard MiB | peak RssAnon +MiB | peak - shard MiB | at end +MiB | reported temporary MiB "

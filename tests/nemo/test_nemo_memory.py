@@ -17,8 +17,6 @@ import nemo_bodies as B
 import pytest
 
 from streaming_adapters.bench.checkpoint import fabricate
-from streaming_adapters.testing.dist_pool import ProcessGroupPool
-from streaming_adapters.testing.rss import RssSampler
 
 pytestmark = pytest.mark.dist
 MiB = B.MiB
@@ -40,43 +38,13 @@ def big(tmp_path_factory):
     return {"llama": str(llama), "mistral": str(mistral)}
 
 
-def fresh_pool() -> ProcessGroupPool:
-    # glibc keeps freed blocks under its dynamic mmap threshold (up to 32 MiB) in the heap, where they stay
-    # in RssAnon: a fixed 1 MiB threshold makes RssAnon follow live allocations.  glibc reads it at process
-    # start, so it must be in the environment the workers are spawned with.
-    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 * MiB)
-    try:
-        return ProcessGroupPool(2, timeout_s=300)
-    finally:
-        os.environ.pop("MALLOC_MMAP_THRESHOLD_") if old is None else os.environ.update(MALLOC_MMAP_THRESHOLD_=old)
-
-
-def measure(path: str, hook: bool, warmup: str) -> list[dict]:
-    """One load per fresh pair of ranks (nothing of an earlier model can be freed during it), after a
-    warm-up load of a 2 MB model (imports and first-call caches stay outside the measurement)."""
-    pool = fresh_pool()
-    try:
-        pool.run(B.memory_body, warmup, "fsdp2", hook)
-        with RssSampler(pool.pids, interval_s=0.002) as rss:
-            results = pool.run(B.memory_body, path, "fsdp2", hook)
-        rows = []
-        for pid, r in zip(pool.pids, results):
-            base = rss.at(pid, r["t0"])
-            rows.append(dict(r, peak=rss.peak(pid, r["t0"], r["t1"]) - base, end=rss.at(pid, r["t1"]) - base,
-                             samples=len(rss.window(pid, r["t0"], r["t1"]))))
-        return rows
-    finally:
-        pool.close()
-
-
 def test_fsdp2_peak_rss_is_the_shard_not_the_model(big, nemo_checkpoints):
     small = str(nemo_checkpoints("llama"))
     table = {
-        ("Llama (NeMo class)", "hook"): measure(big["llama"], True, small),
-        ("Mistral (transformers class)", "hook"): measure(big["mistral"], True, small),
-        ("Llama (NeMo class)", "no hook: FP8 codes copied"): measure(big["llama"], False, small),
-        ("Mistral (transformers class)", "no hook: whole model per rank"): measure(big["mistral"], False, small),
+        ("Llama (NeMo class)", "hook"): B.measure_peak(big["llama"], True, small),
+        ("Mistral (transformers class)", "hook"): B.measure_peak(big["mistral"], True, small),
+        ("Llama (NeMo class)", "no hook: FP8 codes copied"): B.measure_peak(big["llama"], False, small),
+        ("Mistral (transformers class)", "no hook: whole model per rank"): B.measure_peak(big["mistral"], False, small),
     }
     print("\nmodel | path | rank | shard MiB | full BF16 MiB | peak RssAnon +MiB | at end +MiB | temporary MiB | "
           "parts | s")

@@ -179,7 +179,8 @@ class PartsLoad:
         """The part's boxes read by the read core straight into the shard views, one executor per destination
         device (``make_executor`` picks CPU or the CUDA pipeline), each filling all of its boxes in one call."""
         by_device: dict[torch.device, list] = {}
-        for job in jobs:
+        # In file order, as the DCP reader reads: each shard's tensors front to back (the page cache's readahead).
+        for job in sorted(jobs, key=lambda j: (j[0].stored.file, j[0].stored.begin, tuple(j[1]))):
             by_device.setdefault(job[3].device, []).append(job)
         with BoxReader(self.index.path, self.io_backend) as io:
             for device, mine in by_device.items():
