@@ -1,5 +1,5 @@
 """Deprecated: the read core is ``streaming_adapters.read`` (``make_executor``, ``CpuExecutor``,
-``CudaExecutor``).  ``BoxFiller`` is kept for users (and NeMo's adapter) as a thin front of those executors:
+``CudaExecutor``).  ``BoxFiller`` is kept for users as a thin front of those executors:
 host destinations go to the CPU executor, CUDA destinations to the CUDA executor.
 """
 

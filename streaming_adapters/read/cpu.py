@@ -30,7 +30,8 @@ class CpuExecutor(FillExecutor):
         super().__init__(io, chunk_bytes)
         self._staging: torch.Tensor | None = None
         self.staging_allocations = 0  # how often the staging buffer was (re)allocated: 1 in a steady load
-        # A byte source that is already host memory (NeMo's temporaries) has no "pread" to stage.
+        # A byte source that is already host memory (the deprecated nemo TemporaryBoxes, tests/test_read_core.py)
+        # has no "pread" to stage.
         self._stages = getattr(io, "backend", "mmap") == "pread"
 
     def _fill(self, jobs: list[Job]) -> None:

@@ -159,7 +159,7 @@ class CudaExecutor(FillExecutor):
         info = c.lt.stored
         start, length = c.stored
         run, _, offs = runs_of_box(info.shape, start, length, info.itemsize)
-        read_into = getattr(self.io, "read_into", None)  # a host-memory source (NeMo's) has none
+        read_into = getattr(self.io, "read_into", None)  # a host-memory source (tests/test_read_core.py) has none
         if read_into is not None and (self.io.backend == "pread" or len(offs) == 1 or run >= (64 << 10)):
             # Contiguous chunks (row ranges) and long runs: preads into the pinned buffer.  On the 2xH200
             # host, copies out of an mmap into pinned memory ran at half the disk's cold read speed.

@@ -244,6 +244,15 @@ def load_and_check(path, layout: str | None = None, *, hook: bool, peft: bool = 
     return result
 
 
+def load_error(path, layout: str | None) -> tuple[str | None, str]:
+    """``from_pretrained`` with the hook, expected to fail: (exception class name, message) on this rank."""
+    try:
+        from_pretrained(path, layout, hook=True)
+    except Exception as e:  # noqa: BLE001 -- the test compares what each rank raised
+        return type(e).__name__, str(e)
+    return None, ""
+
+
 # -- memory ---------------------------------------------------------------------------------------------
 def memory_body(path, layout: str, hook: bool) -> dict:
     """A load with monotonic marks (sampled from outside), the local shard's bytes and the whole model's."""
@@ -278,3 +287,34 @@ def memory_body(path, layout: str, hook: bool) -> dict:
     del model
     gc.collect()
     return out
+
+
+def measure_peak(path: str, hook: bool, warmup: str, layout: str = "fsdp2", timeout_s: float = 300) -> list[dict]:
+    """Run in the parent (test process or benchmark), not on a rank: one load per fresh pair of ranks (nothing
+    of an earlier model can be freed during it) after a warm-up load of ``warmup`` (imports and first-call
+    caches stay outside the measurement); per rank :func:`memory_body`'s dict plus ``peak`` / ``end`` RssAnon
+    over its value at the load's start, sampled every 2 ms from this process, and the ``samples`` count."""
+    from streaming_adapters.testing.dist_pool import ProcessGroupPool
+    from streaming_adapters.testing.rss import RssSampler
+
+    # glibc keeps freed blocks under its dynamic mmap threshold (up to 32 MiB) in the heap, where they stay
+    # in RssAnon: a fixed 1 MiB threshold makes RssAnon follow live allocations.  glibc reads it at process
+    # start, so it must be in the environment the workers are spawned with.
+    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 * MiB)
+    try:
+        pool = ProcessGroupPool(2, timeout_s=timeout_s)
+    finally:
+        os.environ.pop("MALLOC_MMAP_THRESHOLD_") if old is None else os.environ.update(MALLOC_MMAP_THRESHOLD_=old)
+    try:
+        pool.run(memory_body, warmup, layout, hook)
+        with RssSampler(pool.pids, interval_s=0.002) as rss:
+            results = pool.run(memory_body, path, layout, hook)
+        rows = []
+        for pid, r in zip(pool.pids, results):
+            base = rss.at(pid, r["t0"])
+            rows.append(dict(r, peak=rss.peak(pid, r["t0"], r["t1"]) - base, end=rss.at(pid, r["t1"]) - base,
+                             samples=len(rss.window(pid, r["t0"], r["t1"]))))
+        return rows
+    finally:
+        pool.close()

@@ -96,3 +96,27 @@ def test_peft_lora_fsdp2(pool, nemo_checkpoints):
     assert all(r["params"]["lora"] > 0 for r in hooked)
     assert_same_out(hooked, ref)  # LoRA B starts at zero: the base model's logits
     assert all(len(r["params"]["codes"]) == 21 for r in plain)
+
+
+def test_read_error_on_one_rank_raised_on_every_rank(pool, nemo_checkpoints, tmp_path):
+    """A NaN scale in rows only rank 1 holds (FSDP2 shards down_proj's 320 rows 160/160; scale row 2 covers rows
+    256-319): rank 1's part finish fails in the read core and rank 0 raises the same error instead of waiting
+    in the next part's dcp.load."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    src = nemo_checkpoints("llama")
+    s = "model.layers.2.mlp.down_proj.weight_scale_inv"
+    for f in src.iterdir():
+        if f.is_file():
+            os.link(f, tmp_path / f.name)
+    shard = next(f for f in tmp_path.glob("*.safetensors") if s in load_file(f))
+    tensors = load_file(shard)
+    tensors[s] = tensors[s].clone()
+    tensors[s][2, 1] = float("nan")
+    shard.unlink()  # a new file, not a write through the hard link into the shared fixture
+    save_file(tensors, shard)
+    results = pool.run(B.load_error, str(tmp_path), "fsdp2")
+    assert [r[0] for r in results] == ["ScaleLayoutError", "ScaleLayoutError"], results
+    assert all("not finite" in r[1] and s in r[1] for r in results), results

@@ -63,7 +63,7 @@ def test_tied_checkpoint(nemo_checkpoints):
 
 
 def test_parts_are_bounded_by_one_decoder_layer(nemo_checkpoints):
-    """One part per decoder layer plus one for the rest; the largest temporary is at most one layer's FP8 codes
+    """One part per decoder layer plus one for the rest; the read transient stays within one layer's FP8 codes
     and scales plus the dequantization scratch; a smaller max_part_bytes splits layers and stays exact."""
     import json
 
@@ -90,6 +90,38 @@ def test_parts_are_bounded_by_one_decoder_layer(nemo_checkpoints):
     finally:
         hook.configure()
     assert small["stats"]["parts"] > layers + 1 and not small["params"]["wrong"], small["stats"]
+
+
+def test_parts_read_through_the_core_not_host_temporaries(nemo_checkpoints):
+    """NeMo's reader gets destinations with no boxes (it reads nothing, no temporary keys); each part's finish
+    alone fills the model's shards through the read core, bit-exactly, with a transient bounded by
+    ``chunk_bytes`` (staging + fp32 scratch), below one layer's FP8 codes (what the old host temporaries held)."""
+    import streaming_adapters.integrations.nemo as hook
+
+    path = nemo_checkpoints("llama")
+    chunk = 64 << 10
+    try:
+        hook.configure(chunk_bytes=chunk)
+        model = B.from_pretrained(path, None, hook=True)
+    finally:
+        hook.configure()
+    stats = model.state_dict_adapter.sa_last_load
+    assert not B.check_params(model, path)["wrong"]
+    layer_codes = 2 * 320 * 320 + 2 * 320 * 160 + 3 * 320 * 200  # q/o + k/v (2 of 4 heads) + gate/up/down
+    assert stats.quantized == 21 and stats.bytes_read >= 3 * layer_codes, stats
+    assert 0 < stats.peak_temporary_bytes <= 5 * chunk + (8 << 10) < layer_codes, stats
+
+    with torch.no_grad():
+        for v in model.state_dict().values():
+            v.zero_()
+    parts = list(model.state_dict_adapter.iter_checkpoint_load_parts(model.state_dict()))
+    assert len(parts) == 4
+    for part in parts:
+        assert part.temporary_checkpoint_keys == frozenset() and part.checkpoint_tensors
+        assert all(t.__create_chunk_list__() == [] for t in part.checkpoint_tensors.values())
+        part.finish()  # no dcp.load at all: finish reads the boxes itself
+    p = B.check_params(model, path)
+    assert not p["wrong"] and len(p["exact"]) == p["checked"] == 30, p
 
 
 def test_non_fp8_configs_resolve_exactly_as_before(nemo_checkpoints):

@@ -11,9 +11,9 @@ What changes: for a config with a ``quantization_config`` our format registry re
 resolution returns a subclass of the class it would have built whose ``state_dict_adapter`` loads the base
 checkpoint in bounded parts (:mod:`.hook`, :mod:`.adapter`, :mod:`.loader`).  Other configs: nothing.
 
-Memory model (per rank): the model's own shards + one part's FP8 codes on the host (a decoder layer's slice
-on this rank, at most ``max_part_bytes``) + ``chunk_bytes`` of dequantization scratch.  No rank builds the
-whole model, a whole layer in BF16, or a tensor it does not own.
+Memory model (per rank): the model's own shards + the read core's transient (``chunk_bytes`` of staged FP8
+codes at most, plus the dequantization scratch): each part is read chunk by chunk straight into the shards.
+No rank builds the whole model, a layer, a host temporary of a tensor, or a tensor it does not own.
 """
 
 from __future__ import annotations
@@ -51,10 +51,11 @@ def configure(*, chunk_bytes: int | None = None, max_part_bytes: int | None = No
 
     Args:
         chunk_bytes: FP8 code bytes dequantized at once per rank (default 64 MiB).
-        max_part_bytes: FP8 temporaries per load part and rank before a decoder layer is split into more
-            parts (default 4 GiB; host memory, released when the part is finished).
+        max_part_bytes: FP8 bytes per load part and rank before a decoder layer is split into more parts
+            (default 4 GiB; one ``dcp.load`` + ``finish`` each; no longer host memory: parts are read
+            straight into the model's shards).
     """
-    from ...fill import DEFAULT_CHUNK_BYTES
+    from ...read import DEFAULT_CHUNK_BYTES
 
     OPTIONS["chunk_bytes"] = DEFAULT_CHUNK_BYTES if chunk_bytes is None else int(chunk_bytes)
     OPTIONS["max_part_bytes"] = DEFAULT_MAX_PART_BYTES if max_part_bytes is None else int(max_part_bytes)

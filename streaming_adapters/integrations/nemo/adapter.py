@@ -21,7 +21,7 @@ from typing import Any
 from nemo_automodel.components.checkpoint.state_dict_adapter import StateDictAdapter
 
 from ...errors import DestinationError
-from ...fill import DEFAULT_CHUNK_BYTES
+from ...read import DEFAULT_CHUNK_BYTES
 from .loader import DEFAULT_MAX_PART_BYTES, PartsLoad, PartsLoadStats
 
 
@@ -55,7 +55,7 @@ class StreamingFP8Loading:
 
     Attributes (set by :func:`streaming_adapter`): ``sa_config`` (the model's config: ``name_or_path`` locates
     the checkpoint), ``sa_chunk_bytes`` (FP8 code bytes dequantized at once), ``sa_max_part_bytes`` (FP8
-    temporaries per part and rank before a decoder layer is split), ``sa_last_load`` (this rank's
+    bytes per part and rank before a decoder layer is split), ``sa_last_load`` (this rank's
     :class:`~.loader.PartsLoadStats` of the last load)."""
 
     sa_config: Any = None

@@ -40,8 +40,8 @@ def fp8_format(config) -> str | None:
         adapter = get_adapter({"quantization_config": qc})
     except UnknownFormatError:
         return None
-    # NVFP4 inputs (formats/nvfp4_*.py) are not wired into the NeMo parts loader, whose temporaries hold
-    # boxes in stored coordinates: NeMo keeps its own path for them, as before they were registered.
+    # NVFP4 inputs (formats/nvfp4_*.py): the parts loader now reads through the read core, which decodes them,
+    # but no NeMo test covers them yet (tests/nemo has no NVFP4 oracle): NeMo keeps its own path for them.
     return None if adapter.layout == "nvfp4" else adapter.name
 
 

@@ -8,17 +8,26 @@
 2. **Requests and parts** (``models/loadplan.py``, shared with ``load_fp8_checkpoint``).  The family's key
    mapper turns each destination into boxes of checkpoint tensors -> views of the local shard (missing /
    shape / dtype problems are errors on every rank; checkpoint tensors no rank uses are logged); one part per
-   decoder layer (the family's ``layer_of``), plus one for the rest.  A part whose FP8 temporaries exceed
+   decoder layer (the family's ``layer_of``), plus one for the rest.  A part whose FP8 bytes on this rank exceed
    ``max_part_bytes`` is split.
 3. **Agreement.**  Ranks agree on the number of parts (one all-gather) and a rank with fewer splits its
    largest parts: pipeline stages holding 2 and 3 layers issue the same number of ``dcp.load`` collectives (a
    stage with fewer model tensors than parts makes every rank raise the same error, not a hang).
+4. **Reading.**  NeMo runs ``dcp.load(part.checkpoint_tensors)`` with its own reader, then ``part.finish()``.
+   The part names its checkpoint tensors (NeMo checks they exist and are requested once) as
+   :class:`~.parts.BoxDestination` s with no boxes, so NeMo's reader reads nothing; ``finish`` hands every
+   request to the read core (``read/``: ``make_executor``), which reads the boxes chunk by chunk straight into
+   the views of the local shards -- the path of ``load_fp8_checkpoint``'s DCP reader -- and then gathers
+   errors from every rank (a rank failing alone would leave the others waiting in the next ``dcp.load``).
+
+Memory model (per rank): the model's own shards + the read core's transient (one staging buffer of at most
+``chunk_bytes`` of codes on CPU, the pipeline's rings on CUDA, plus the dequantization scratch).  No host
+temporary of a box, a tensor or a part.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -29,25 +38,31 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from ...checkpoint.index import CheckpointIndex
-from ...dist import all_gather_object, is_dist
+from ...checkpoint.byteio import BoxReader
+from ...dist import all_gather_object, is_dist, run_then_gather
 from ...errors import DestinationError
-from ...fill import DEFAULT_CHUNK_BYTES, BoxFiller
 from ...formats import get_adapter
 from ...models.families import get_family
 from ...models.loadplan import LoadPlan, PartPlan, agree_mapping, agree_parts, bound_parts, plan_load
-from .parts import BoxDestination, TemporaryBoxes
+from ...read import DEFAULT_BACKEND, DEFAULT_CHUNK_BYTES, make_executor
+from .parts import BoxDestination
 
 logger = logging.getLogger("streaming_adapters.nemo")
 
 # 4 GiB of FP8 codes per part and rank: a DeepSeek-V3 layer (~11.5 GB of FP8 experts) is one part from EP4
-# up; larger slices are split by tensor.  Host memory, released by the part's finish.
+# up; larger slices are split by tensor.  Not a memory bound any more (parts are read straight into the
+# shards): it sets how much one dcp.load + finish covers, kept for the options' compatibility.
 DEFAULT_MAX_PART_BYTES = 4 << 30
 GiB = float(1 << 30)
 
 
 @dataclass
 class PartsLoadStats:
-    """This rank's numbers for one load (``adapter.last_load``); ``ranks`` holds every rank's."""
+    """This rank's numbers for one load (``adapter.last_load``); ``ranks`` holds every rank's.
+
+    ``bytes_read``: checkpoint bytes the read core read (codes, scale windows, plain tensors);
+    ``peak_temporary_bytes``: the read core's largest transient (staging + scratch + scale window), the only
+    host memory a load adds beyond the model's shards."""
 
     rank: int = 0
     parts: int = 0
@@ -65,7 +80,7 @@ class PartsLoadStats:
         secs = max(r["seconds"] for r in rs)
         return (f"streaming_adapters: FP8 checkpoint loaded through NeMo in {self.parts} parts on {len(rs)} rank(s): "
                 f"{sum(r['tensors'] for r in rs)} boxes ({sum(r['quantized'] for r in rs)} FP8), {gb:.3f} GB read "
-                f"in {secs:.2f} s ({gb / max(secs, 1e-9):.2f} GB/s), largest temporary {peak:.1f} MiB per rank")
+                f"in {secs:.2f} s ({gb / max(secs, 1e-9):.2f} GB/s), largest read transient {peak:.1f} MiB per rank")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -107,9 +122,10 @@ class PartsLoad:
     """One base-checkpoint load into one model (stage) on this rank.  Construct on every rank (collective)."""
 
     def __init__(self, path: str | Path, model_state_dict: dict, *, inner=None, device_mesh=None,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_part_bytes: int = DEFAULT_MAX_PART_BYTES) -> None:
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, max_part_bytes: int = DEFAULT_MAX_PART_BYTES,
+                 io_backend: str = DEFAULT_BACKEND) -> None:
         self.t0 = time.perf_counter()
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes, self.io_backend = chunk_bytes, io_backend
         self.stats = PartsLoadStats(rank=dist.get_rank() if is_dist() else 0)
         error: BaseException | None = None
         plan, self.logical, where = LoadPlan(), {}, str(path)
@@ -144,53 +160,36 @@ class PartsLoad:
                                      temporary_checkpoint_keys=frozenset(temporary), finish=finish)
 
     def _materialize(self, plan: PartPlan, last: bool):
-        """DCP destinations of one part (temporaries allocated now) and its finish callback."""
-        src = TemporaryBoxes(self.index.path)
-        boxes: dict[str, dict[tuple, torch.Tensor]] = {k: {} for k in plan.ckpt_keys}
-        fills, copies = [], []
-        for r in plan.requests:
-            lt = self.logical[r.ckpt_key]
-            mine = boxes.setdefault(r.ckpt_key, {})
-            box = (r.start, r.length)
-            if lt.quantized:
-                if box not in mine:
-                    mine[box] = torch.empty(r.length, dtype=lt.stored.torch_dtype)
-                    src.boxes.setdefault(r.ckpt_key, []).append((r.start, mine[box]))
-                fills.append((lt, r.start, r.length, r.view))
-            elif box not in mine:
-                mine[box] = r.view  # NeMo's reader writes straight into the model's shard
-            else:
-                copies.append((r.view, mine[box]))
-        tensors: dict[str, torch.Tensor] = {}
-        temporary: set[str] = set()
-        temp_bytes = 0
-        for key, mine in boxes.items():
-            lt = self.logical[key]
-            tensors[key] = BoxDestination(lt.stored.shape, lt.stored.torch_dtype,
-                                          [(s, n, t) for (s, n), t in mine.items()])
-            if lt.quantized and mine:
-                scale = self.index[lt.scale.tensor.name]
-                src.grids[scale.name] = tensors[scale.name] = torch.empty(scale.shape, dtype=scale.torch_dtype)
-                temporary |= {key, scale.name}
-                temp_bytes += sum(t.nbytes for t in mine.values()) + scale.nbytes
-            self.stats.bytes_read += sum(math.prod(n) * lt.stored.itemsize for (_, n) in mine)
-        self.stats.tensors += len(plan.requests)
+        """DCP destinations of one part (none of them read: see the module docstring) and its finish."""
+        tensors = {key: BoxDestination(self.logical[key].stored.shape, self.logical[key].stored.torch_dtype, [])
+                   for key in sorted(plan.ckpt_keys)}
+        jobs = [(self.logical[r.ckpt_key], r.start, r.length, r.view) for r in plan.requests]
 
         def finish() -> None:
-            filler = BoxFiller(src, self.chunk_bytes)
-            for lt, start, length, view in fills:
-                filler.fill(lt, start, length, view)
-            for view, primary in copies:
-                view.copy_(primary)
-            self.stats.quantized += filler.quantized
-            self.stats.peak_temporary_bytes = max(self.stats.peak_temporary_bytes,
-                                                  temp_bytes + filler.peak_transient_bytes)
-            fills.clear(), copies.clear(), boxes.clear(), tensors.clear()
-            src.boxes.clear(), src.grids.clear()
+            # Every rank learns of any rank's failure here (a scale that is not finite, a shard truncated
+            # mid-load): the others would otherwise wait in the next part's dcp.load for a rank that is gone.
+            run_then_gather(lambda: self._fill(jobs))
+            jobs.clear(), tensors.clear()
             if last:
                 self._report()
 
-        return tensors, temporary, finish
+        return tensors, set(), finish
+
+    def _fill(self, jobs: list) -> None:
+        """The part's boxes read by the read core straight into the shard views, one executor per destination
+        device (``make_executor`` picks CPU or the CUDA pipeline), each filling all of its boxes in one call."""
+        by_device: dict[torch.device, list] = {}
+        # In file order, as the DCP reader reads: each shard's tensors front to back (the page cache's readahead).
+        for job in sorted(jobs, key=lambda j: (j[0].stored.file, j[0].stored.begin, tuple(j[1]))):
+            by_device.setdefault(job[3].device, []).append(job)
+        with BoxReader(self.index.path, self.io_backend) as io:
+            for device, mine in by_device.items():
+                ex = make_executor(io, device, chunk_bytes=self.chunk_bytes)
+                ex.fill(mine)
+                self.stats.tensors += ex.tensors
+                self.stats.quantized += ex.quantized
+                self.stats.peak_temporary_bytes = max(self.stats.peak_temporary_bytes, ex.peak_transient_bytes)
+            self.stats.bytes_read += io.bytes_read
 
     def _report(self) -> None:
         self.stats.seconds = time.perf_counter() - self.t0

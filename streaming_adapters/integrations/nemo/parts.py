@@ -1,27 +1,21 @@
-"""Plan NeMo ``CheckpointLoadPart`` s: model tensors -> groups (one decoder layer each) -> DCP destinations.
+"""NeMo ``CheckpointLoadPart`` destinations: a part names its checkpoint tensors without having NeMo read them.
 
 NeMo's ``Checkpointer._load_model_in_parts`` runs, per part, ``dcp.load(part.checkpoint_tensors)`` with its
-own safetensors reader (stored bytes, copied as they are) and then ``part.finish()``.  So a part asks NeMo's
-reader for exactly the boxes this rank needs, and finishing dequantizes them with our numerics:
+own safetensors reader (stored bytes, copied as they are) and then ``part.finish()``; it refuses a part with no
+checkpoint tensors, a name absent from the checkpoint, or a name requested twice.  Each checkpoint tensor of a
+part is therefore a :class:`BoxDestination` with no boxes: a storage-less tensor of the checkpoint's global
+shape and stored dtype whose chunk list (``__create_chunk_list__``, the protocol DTensor implements) is empty,
+so DCP's planner makes no read item of it and NeMo's reader reads nothing.  ``finish`` reads the part's boxes
+through the read core straight into the model's shard views (``loader.py``).
 
-* unquantized tensors: the destination *is* the view of the model's local shard (no temporary);
-* FP8 weights: a temporary FP8 box per (tensor, box) on the host (1 byte per element of the rank's slice),
-  plus the tensor's scale (whole grid: 1/16384 of the weight for 128x128 blocks); ``finish`` runs
-  :class:`~streaming_adapters.fill.BoxFiller` over them -- the same code path as our own DCP reader, chunk
-  by chunk into the destination view (Triton on CUDA, LUT on CPU), then drops the temporaries.
-
-Boxes are arbitrary (TP / FSDP / EP shards, fused experts, views NeMo's MoE adapters return), so a
-checkpoint tensor's destination is a :class:`BoxDestination`: a storage-less tensor of the checkpoint's global
-shape that tells DCP which chunks this rank wants (``__create_chunk_list__``) and where each goes
-(``__get_tensor_shard__``), the protocol DTensor implements.
-
-Memory model (per rank): the model's own shards + one part's FP8 temporaries (its decoder layer's FP8 bytes
-on this rank; temporaries are allocated when the part is handed to NeMo and released by ``finish``) + the
-reader's chunk scratch (``chunk_bytes``).  The plan itself holds views and small tuples.
+Until 2026-12 the FP8 boxes went to whole-box host temporaries filled by NeMo's reader (:class:`TemporaryBoxes`,
+deprecated, unused) and were then dequantized through the deprecated ``fill.BoxFiller``: one part's FP8 codes
+on the host per rank (docs/nemo.md has the measured difference).
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -38,7 +32,8 @@ class BoxDestination(torch.Tensor):
     """A DCP load destination made of boxes of one checkpoint tensor (no storage of its own).
 
     ``boxes``: ``[(start, length, tensor)]`` with ``tensor.shape == length``; DCP asks for each box by its
-    offset.  Any other use of this tensor is an error (it has no data)."""
+    offset; ``[]`` (what the loader passes) makes DCP read nothing of the tensor.  Any other use of this tensor
+    is an error (it has no data)."""
 
     @staticmethod
     def __new__(cls, shape: tuple[int, ...], dtype: torch.dtype, boxes: list[tuple[tuple, tuple, torch.Tensor]]):
@@ -63,12 +58,15 @@ class BoxDestination(torch.Tensor):
 
 
 class TemporaryBoxes:
-    """The byte source of :class:`~streaming_adapters.fill.BoxFiller` during ``finish``: boxes of FP8 codes and
-    whole scale grids that NeMo's reader has just filled (``BoxReader.read`` interface)."""
+    """Deprecated (unused since NeMo's parts read through the read core): a byte source (``BoxReader.read``
+    interface) of host boxes of FP8 codes and whole scale grids, kept importable for code that built one."""
 
-    backend = "mmap"  # already host memory: BoxFiller must not stage it again
+    backend = "mmap"  # already host memory: the CPU executor must not stage it again
 
     def __init__(self, root: str | Path) -> None:
+        warnings.warn("streaming_adapters.integrations.nemo.parts.TemporaryBoxes is deprecated and unused: NeMo's "
+                      "parts are read by streaming_adapters.read straight into the model's shards",
+                      DeprecationWarning, stacklevel=2)
         self.root = Path(root)
         self.bytes_read = 0
         self.boxes: dict[str, list[tuple[tuple[int, ...], torch.Tensor]]] = {}
