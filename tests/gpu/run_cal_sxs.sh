@@ -11,6 +11,7 @@
 # SXS_SIM=1: a CPU rehearsal with the caller's PY and SITE (packages already installed there), tiny shapes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1  # no internet there: never wait on the hub
 if [[ -z ${SXS_SIM:-} ]]; then
     source tests/gpu/setup.sh     # .whl -> /tmp/site, PYTHONPATH=/tmp/site:$PWD:$PWD/tests, machine facts
     source tests/gpu/bench_fn.sh  # RES=/tmp/results, tarred into $OUT at exit
@@ -53,7 +54,7 @@ EOF
 "$PY" -c "import llmcompressor, modelopt, datasets, compressed_tensors, transformers, torch; print('llmcompressor', \
 llmcompressor.__version__, 'modelopt', modelopt.__version__, 'datasets', datasets.__version__, 'compressed-tensors', \
 compressed_tensors.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)" 2>&1 \
-    | grep -v -i warn | tee "$RES/cal_sxs_versions.txt"
+    | grep -v -i warn | tee "$RES/cal_sxs_versions.txt" || true  # a failed import shows again as that peer's failure
 set +e
 # shellcheck disable=SC2086
 timeout "${SXS_T:-480}" "$PY" benchmarks/calibration_side_by_side.py --device $DEV $SHAPE $SIZE \
