@@ -109,7 +109,7 @@ def run_peer(name: str, a, work: Path) -> dict:
     # Imports before the clock: the time and host memory compare the work, not the imports.
     import transformers  # noqa: F401
     from transformers import AutoModelForCausalLM
-    import transformers.models.llama.modeling_llama  # noqa: F401
+    import transformers.models.llama.modeling_llama  # noqa: F401  (the class every peer builds)
     from streaming_adapters.calibrate import CalibrationConfig
     from streaming_adapters.convert import convert_checkpoint
     if name == "llmcompressor":
@@ -280,7 +280,8 @@ def table(a, what: str, res: dict, cmp: dict, work: Path) -> str:
     lines += ["", f"Machine: {dev}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, torch "
               f"{torch.__version__}, transformers {_version('transformers')}, llm-compressor "
               f"{_version('llmcompressor')}, nvidia-modelopt {_version('nvidia-modelopt')}, compressed-tensors "
-              f"{_version('compressed-tensors')}. ModelOpt offload: `{a.modelopt_offload}`, layer-wise: {a.modelopt_layerwise}. Date: "
+              f"{_version('compressed-tensors')}. ModelOpt offload: `{a.modelopt_offload}`, layer-wise: "
+              f"{a.modelopt_layerwise}. Date: "
               f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.",
               f"Command: `python benchmarks/calibration_side_by_side.py {' '.join(sys.argv[1:])}`."]
     return "\n".join(lines)

@@ -57,8 +57,9 @@ compressed_tensors.__version__, 'transformers', transformers.__version__, 'torch
     | grep -v -i warn | tee "$RES/cal_sxs_versions.txt" || true  # a failed import shows again as that peer's failure
 set +e
 # shellcheck disable=SC2086
+PEERS=${SXS_PEERS:-streaming_adapters,streaming_adapters_modelopt,bf16_copy,llmcompressor,modelopt}
 timeout "${SXS_T:-480}" "$PY" benchmarks/calibration_side_by_side.py --device $DEV $SHAPE $SIZE \
-    --modelopt-offload "${SXS_OFFLOAD:-cpu}" --peers "${SXS_PEERS:-streaming_adapters,streaming_adapters_modelopt,bf16_copy,llmcompressor,modelopt}" \
+    --modelopt-offload "${SXS_OFFLOAD:-cpu}" --peers "$PEERS" \
     --workdir /tmp/calsxs 2>&1 | tee "$RES/cal_side_by_side.txt" | grep -v "it/s\]$" | tail -24
 rc=${PIPESTATUS[0]}
 for f in /tmp/calsxs/*.log; do cp "$f" "$RES/cal_sxs_$(basename "$f")"; done 2>/dev/null
