@@ -2,12 +2,11 @@
 # One H100/H200: issue 14's side by side, W4A4 calibration of an 8B-shaped Llama (random FP8 weights) by this
 # project vs llm-compressor 0.14.0.1 oneshot (+ the BF16 copy it needs) vs ModelOpt 0.47.0 layer-wise
 # (benchmarks/calibration_side_by_side.py).  Carry .whl (the lead's: compressed-tensors, modelopt, pydantic,
-# loguru, ...) and .whl-sxs (llmcompressor, datasets 4.8.4, dill, multiprocess, nvidia-ml-py); the machine has
-# torch, transformers 5.17, accelerate, pandas, pyarrow, xxhash, fsspec and no internet.  ModelOpt imports
-# scipy and pulp at import time (histogram calibrator, NAS searcher) but its max calibration and export never
-# call them; they are 36 + 16 MiB of wheels, so where they are missing an import-only stand-in is written
-# (a call into it raises).  Knobs: SXS_LAYERS (4), SXS_SAMPLES (128), SXS_SEQ (2048), SXS_T (seconds, 480),
-# SXS_OFFLOAD (cpu: ModelOpt's decoder layers wait in host memory; disk; none), SXS_PEERS (all).
+# loguru, ...) and .whl-sxs (llmcompressor, datasets 4.8.4, dill, multiprocess, nvidia-ml-py, pulp); the machine has
+# torch, transformers 5.17, accelerate, pandas, pyarrow, xxhash, fsspec, scipy and no internet.  ModelOpt imports
+# pulp (< 4) at import time: .whl-sxs carries pulp 3.3.2 (16 MiB; the whole carry is ~24 MiB of the 64 allowed).
+# Knobs: SXS_LAYERS (4), SXS_SAMPLES (128), SXS_SEQ (2048), SXS_T (seconds, 480), SXS_OFFLOAD (cpu: ModelOpt's
+# decoder layers wait in host memory; disk; none), SXS_PEERS (all).
 # SXS_SIM=1: a CPU rehearsal with the caller's PY and SITE (packages already installed there), tiny shapes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,31 +25,6 @@ else
     SHAPE="--hidden 256 --intermediate 768 --heads 4 --kv-heads 2 --vocab 4096"
     SIZE="--layers 2 --samples 8 --seq-len 128"
 fi
-"$PY" - "$SITE" <<'EOF'
-import importlib.util, os, sys
-STUB = '''"""Import-only stand-in for {pkg}, written by tests/gpu/run_cal_sxs.sh: not installed here and too large to
-carry.  ModelOpt imports it at import time; its max calibration and HF export never call it."""
-
-
-class _Missing(Exception):
-    def __init__(self, *args, **kwargs):
-        raise ImportError("{pkg} is an import-only stand-in here (tests/gpu/run_cal_sxs.sh): install {pkg}")
-
-
-def __getattr__(name):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    return _Missing
-'''
-for pkg, subs in {"scipy": ["interpolate", "spatial", "stats", "optimize"], "pulp": []}.items():
-    if importlib.util.find_spec(pkg):
-        continue
-    os.makedirs(os.path.join(sys.argv[1], pkg))
-    for m in ("__init__", *subs):
-        with open(os.path.join(sys.argv[1], pkg, m + ".py"), "w") as f:
-            f.write(STUB.format(pkg=pkg))
-    print(f"{pkg}: import-only stand-in in {sys.argv[1]}")
-EOF
 "$PY" -c "import llmcompressor, modelopt, datasets, compressed_tensors, transformers, torch; print('llmcompressor', \
 llmcompressor.__version__, 'modelopt', modelopt.__version__, 'datasets', datasets.__version__, 'compressed-tensors', \
 compressed_tensors.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)" 2>&1 \
