@@ -10,10 +10,16 @@ in-place store (the output overwriting the input rows) stays correct; an upload'
 every earlier forward was queued, and each tensor used on a side stream is recorded on it.
 
 Elsewhere (CPU, rows spilled to a memory-mapped file) the copies are plain and in order.
+
+The overlapped path is opt-in (``SA_OVERLAP_COPIES=1``) until ``tests/gpu/test_gpu_stream.py`` has passed on a
+GPU: it was written on 2026-12-07 when no device machine could be started, and a stream-order mistake would
+be a silently wrong amax, not an error.  Off, the copies queue on the compute stream as before (the pinned
+D2H is still asynchronous: ``HiddenStore.write``).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import torch
@@ -26,15 +32,19 @@ def _hidden(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def overlap_copies() -> bool:
+    return os.environ.get("SA_OVERLAP_COPIES", "0") == "1"
+
+
 @torch.no_grad()  # autograd would keep every activation of a row: 22 GiB at 123B dims, seq 2048 (H200)
 def forward_rows(layer: nn.Module, store: HiddenStore, kwargs_of: Callable[[int], dict[str, Any]],
                  dev: torch.device) -> None:
     """Replace every row of ``store`` by ``layer(row)`` (batch 1; ``kwargs_of(seq_len)`` the layer's keyword
     arguments); ``store.advance()`` is the caller's."""
     n = len(store)
-    if dev.type != "cuda" or not store.pinned:
+    if dev.type != "cuda" or not store.pinned or not overlap_copies():
         for j in range(n):
-            x = store.read(j).to(dev)
+            x = store.read(j).to(dev, non_blocking=store.pinned)
             store.write(j, _hidden(layer(x[None], **kwargs_of(x.shape[0])))[0])
         return
     compute = torch.cuda.current_stream(dev)

@@ -26,6 +26,12 @@ from test_evaluate import whole_model_logits  # noqa: E402
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(params=["0", "1"], ids=["copies-in-order", "copies-overlapped"])
+def overlap(request, monkeypatch):
+    monkeypatch.setenv("SA_OVERLAP_COPIES", request.param)  # calibrate/forward.py's opt-in
+    return request.param
+
+
 def ragged(n: int, seed: int) -> list[torch.Tensor]:
     # Many rows of different lengths: device buffers of the uploads are reused across sizes.
     g = torch.Generator().manual_seed(seed)
@@ -33,7 +39,7 @@ def ragged(n: int, seed: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
-def test_calibration_on_cuda_equals_whole_model_on_cuda(checkpoints, family):
+def test_calibration_on_cuda_equals_whole_model_on_cuda(checkpoints, family, overlap):
     path = checkpoints(family, "fp8_block")
     toks = CalibrationTokens(ragged(24, 0), "test", 64)
     got = calibrate_activations(path, toks, targets_of(path), device="cuda")
@@ -42,7 +48,7 @@ def test_calibration_on_cuda_equals_whole_model_on_cuda(checkpoints, family):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_evaluate_on_cuda_equals_whole_model_on_cuda(checkpoints, family):
+def test_evaluate_on_cuda_equals_whole_model_on_cuda(checkpoints, family, overlap):
     path = checkpoints(family, "fp8_block")
     rows = ragged(16, 1)
     got = sa.evaluate(path, rows, device="cuda", keep_logits=True)
@@ -51,8 +57,9 @@ def test_evaluate_on_cuda_equals_whole_model_on_cuda(checkpoints, family):
         assert torch.equal(got["logits"][j], w), j
 
 
-def test_overlapped_rows_equal_rows_in_order(checkpoints):
+def test_overlapped_rows_equal_rows_in_order(checkpoints, monkeypatch):
     # Pinned store: uploads / downloads on side streams; unpinned: plain copies in order. Same bits.
+    monkeypatch.setenv("SA_OVERLAP_COPIES", "1")
     path = checkpoints("llama", "fp8_block")
     sk = Skeleton(path, torch.device("cuda"))
     rows = ragged(40, 2)
