@@ -1,6 +1,6 @@
 """W4A4 calibration on one GPU at Mistral-Large-123B dimensions: memory and speed bars of issue 14.
 
-NOT RUN YET (no device time in the session that wrote it).  Run on an H100/H200:
+Run on an H100/H200 (results with machine and date in docs/benchmarks.md; `tests/gpu/run_issues_14_15.sh` runs it):
 
     PYTHONPATH=. python benchmarks/calibration_w4a4.py --layers 2 --samples 512 --seq-len 2048 \
         --workdir /tmp/calib_bench

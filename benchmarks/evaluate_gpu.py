@@ -1,6 +1,6 @@
 """evaluate on one GPU at Mistral-Large-123B dimensions: the 24 GiB / 1.3x-of-floor bar of issue 15.
 
-NOT RUN YET (no device time in the session that wrote it).  Run on an H100/H200:
+Run on an H100/H200 (results with machine and date in docs/benchmarks.md; `tests/gpu/run_issues_14_15.sh` runs it):
 
     PYTHONPATH=. python benchmarks/evaluate_gpu.py --layers 2 --rows 128 --seq-len 2048 --workdir /tmp/eval_bench
 

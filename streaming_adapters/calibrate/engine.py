@@ -140,8 +140,8 @@ def calibrate_activations(
     _refuse_uncovered(targets - set(amax), checkpoint)
     return CalibrationResult(amax=dict(sorted(amax.items())), tokens_sha256=tokens.sha256,
                              samples=len(tokens.samples), tokens=tokens.num_tokens, seq_len=tokens.seq_len,
-                             moe_all_experts=moe_all_experts, attn_implementation=attn_implementation, spilled=store.spilled,
-                             resumed_layers=start,
+                             moe_all_experts=moe_all_experts, attn_implementation=attn_implementation,
+                             spilled=store.spilled, resumed_layers=start,
                              seconds=time.perf_counter() - t0, layers=layers)
 
 

@@ -139,9 +139,7 @@ class Skeleton:
         tensors the family's ``layer_of`` puts under the layer prefix holding ``num_layers`` layers and the most
         tensors (a VLM's vision tower has layers too)."""
         if self._ranges is None:
-            from ..checkpoint.index import CheckpointIndex
-
-            index = CheckpointIndex.open(self.checkpoint)
+            index = self._index()
             by_prefix: dict[str, dict[int, list[tuple[Path, int, int]]]] = {}
             for name, t in index.tensors.items():
                 where = self.family.layer_of(name)
@@ -166,12 +164,19 @@ class Skeleton:
                     out[parts[0].ckpt_key[: -len(".weight")]] = mod
         return out
 
+    def _index(self):
+        """The checkpoint's headers, parsed once for the prefetch ranges and the Linear names."""
+        if not hasattr(self, "_index_cache"):
+            from ..checkpoint.index import CheckpointIndex
+
+            self._index_cache = CheckpointIndex.open(self.checkpoint)
+        return self._index_cache
+
     def _logical(self):
         if not hasattr(self, "_logical_cache"):
-            from ..checkpoint.index import CheckpointIndex
             from ..formats import get_adapter
 
-            self._logical_cache = get_adapter(self.checkpoint, index=CheckpointIndex.open(self.checkpoint)).plan.logical
+            self._logical_cache = get_adapter(self.checkpoint, index=self._index()).plan.logical
         return self._logical_cache
 
     # -- inputs --------------------------------------------------------------------------------------

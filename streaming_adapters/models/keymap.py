@@ -49,6 +49,14 @@ class KeyMapper:
         return [key]
 
 
+def first_stored(names, ckpt) -> list[Part] | None:
+    """The first of ``names`` the checkpoint holds, as one whole-tensor part; None if it holds none."""
+    for n in names:
+        if n in ckpt:
+            return [Part(n)]
+    return None
+
+
 @dataclass
 class Renames(KeyMapper):
     """Regex renames from model names to checkpoint names; the first candidate present wins.
@@ -71,10 +79,7 @@ class Renames(KeyMapper):
         return out
 
     def parts(self, key, shape, ckpt):
-        for c in self.candidates(key):
-            if c in ckpt:
-                return [Part(c)]
-        return None
+        return first_stored(self.candidates(key), ckpt)
 
 
 @dataclass
@@ -109,9 +114,7 @@ class FusedExperts(KeyMapper):
             # stored tensor of that expert, e.g. Mixtral's ``block_sparse_moe.experts.3.w1`` for gate_proj.
             model_prefix, e, proj = m.groups()
             stored = {"gate_proj": self.gate, "up_proj": self.up, "down_proj": self.down}[proj]
-            hits = [f"{p}.experts.{e}.{stored}.weight" for p in self._prefixes(model_prefix)]
-            hits = [h for h in hits if h in ckpt]
-            return [Part(hits[0])] if hits else None
+            return first_stored([f"{p}.experts.{e}.{stored}.weight" for p in self._prefixes(model_prefix)], ckpt)
         m = re.match(rf"(.*)\.experts\.({re.escape(self.fused_gate_up)}|{re.escape(self.fused_down)})$", key)
         if not m or len(shape) != 3:
             return None
@@ -141,10 +144,7 @@ class Tied(KeyMapper):
     def parts(self, key, shape, ckpt):
         if key != self.target or any(c in ckpt for c in self.renames.candidates(key)):
             return None
-        for c in self.renames.candidates(self.source):
-            if c in ckpt:
-                return [Part(c)]
-        return None
+        return first_stored(self.renames.candidates(self.source), ckpt)
 
 
 @dataclass
