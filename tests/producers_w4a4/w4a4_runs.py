@@ -27,7 +27,8 @@ from streaming_adapters.convert import convert_checkpoint
 
 SAMPLES, SEQ_LEN = 6, 48
 ARCH = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
-        "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+        "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+        "ministral3": "Ministral3ForCausalLM", "mixtral": "MixtralForCausalLM"}
 
 
 def read_all(folder: Path) -> dict[str, torch.Tensor]:
