@@ -102,3 +102,23 @@ def test_calibration_errors_come_before_any_output(checkpoints, tmp_path, calib_
     assert not (tmp_path / "o.partial").exists() and not (tmp_path / "o").exists()
     with pytest.raises(CheckpointError, match="calibration needs target='nvfp4'"):
         convert_checkpoint(src, tmp_path / "o", target="bf16", calibration=str(calib_data), progress=False)
+
+
+def test_attention_knob_overrides_the_formats_producer(checkpoints, tmp_path, calib_data):
+    # compressed-tensors calibrates with llm-compressor's eager attention unless calibration.attention says
+    # otherwise; sdpa then gives sdpa's amax table (on this fixture some amax differ by a BF16 ulp).
+    src = checkpoints("llama", "fp8_block")
+    toks = load_calibration_tokens(calib_data, samples=4, seq_len=40)
+    sdpa, eager = whole_model_amax(src, toks, "sdpa"), whole_model_amax(src, toks, "eager")
+    assert any(sdpa[n] != eager[n] for n in sdpa)
+    cal = CalibrationConfig(data=str(calib_data), samples=4, seq_len=40, attention="sdpa")
+    rep = convert_checkpoint(src, tmp_path / "w4a4", target="nvfp4", calibration=cal, progress=False)
+    a4, _ = read_all(tmp_path / "w4a4")
+    keys = [k for k in a4 if k.endswith(".input_global_scale")]
+    assert len(keys) == 18
+    for k in keys:
+        a = torch.tensor(sdpa[k[: -len(".input_global_scale")]], dtype=torch.bfloat16).reshape(1)
+        assert_bit_equal(a4[k], generate_gparam(-a, a).to(torch.float32), k)
+    assert rep.calibration["attn_implementation"] == "sdpa"
+    with pytest.raises(ValueError, match="calibration.attention"):
+        CalibrationConfig(data=str(calib_data), attention="flash")

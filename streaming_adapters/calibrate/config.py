@@ -39,6 +39,11 @@ class CalibrationConfig:
     """MoE: every expert sees every token while calibrating (llm-compressor's rule; the default for
     compressed-tensors) or routed tokens with the max over the layer's experts (ModelOpt's; the default for
     modelopt). Unset: the output format's producer's rule."""
+    attention: Optional[str] = None
+    """Attention while calibrating: eager or sdpa. Unset: the output format's producer's (eager for
+    compressed-tensors, as llm-compressor; sdpa for modelopt), which keeps the input scales bit-exact to it.
+    sdpa for compressed-tensors calibrates a Mistral-Large layer 1.5x faster (H100); an amax may then differ
+    from llm-compressor's by a BF16 ulp."""
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.seq_len < 1:
@@ -46,5 +51,7 @@ class CalibrationConfig:
                              f"{self.seq_len})")
         if self.persist_every_s is not None and self.persist_every_s < 0:
             raise ValueError(f"calibration.persist_every_s must be >= 0 or null (got {self.persist_every_s})")
+        if self.attention not in (None, "eager", "sdpa"):
+            raise ValueError(f"calibration.attention must be eager, sdpa or null (got {self.attention!r})")
         if self.host_budget_gb < 0:
             raise ValueError(f"calibration.host_budget_gb must be >= 0 (got {self.host_budget_gb})")

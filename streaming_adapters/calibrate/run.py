@@ -39,9 +39,11 @@ def moe_rule(cal: CalibrationConfig, fmt: str | None) -> bool:
     return cal.moe_all_experts if cal.moe_all_experts is not None else fmt != "modelopt"
 
 
-def attention(fmt: str | None) -> str:
-    """The attention the format's producer calibrates with (skeleton.py): llm-compressor forces eager,
-    ModelOpt keeps transformers' default (sdpa)."""
+def attention(fmt: str | None, cal: CalibrationConfig | None = None) -> str:
+    """``calibration.attention`` if set, else the attention the format's producer calibrates with
+    (skeleton.py): llm-compressor forces eager, ModelOpt keeps transformers' default (sdpa)."""
+    if cal is not None and cal.attention is not None:
+        return cal.attention
     return "sdpa" if fmt == "modelopt" else "eager"
 
 

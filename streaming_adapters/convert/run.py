@@ -93,7 +93,7 @@ class Conversion:
         if o.calibration is not None:  # every error in the data before any compute
             self.tokens = calib.read_tokens(self.src, o.calibration)
             cal_id = {"tokens_sha256": self.tokens.sha256, "moe_all_experts": calib.moe_rule(o.calibration, o.format),
-                      "attention": calib.attention(o.format)}
+                      "attention": calib.attention(o.format, o.calibration)}
         self.plan = make_plan(self.index, self.adapter, o.target, o.format, self.world, step_bytes=o.step_bytes,
                               ignore=o.ignore, calibration=cal_id)
         self.staged = StagedOutput(self.dst, self.plan, src=self.index.path)

@@ -5,12 +5,12 @@
 # STEPS picks what runs (default: all): tests base cal eval sxs.  Each step has its own time limit so one
 # stuck step cannot eat the call; logs come back in one tarball.  Knobs: CAL_SAMPLES (512), EV_ROWS (128),
 # LAYERS (2), CAL_T / EV_T / SXS_T / TESTS_T (seconds), TESTS (pytest paths), CAL_ATTNS / EV_ATTNS (attention
-# implementations to run, e.g. "eager sdpa"), OVERLAP (1: SA_OVERLAP_COPIES for the benches).
+# implementations to run, e.g. "eager sdpa"), OVERLAP (SA_OVERLAP_COPIES for the benches; 0 puts the copies back in order).
 source tests/gpu/setup.sh
 source tests/gpu/bench_fn.sh
 set +e
 L=${LAYERS:-2}
-export SA_OVERLAP_COPIES=${OVERLAP:-1}  # the benches time calibrate/forward.py's overlapped copies (opt-in)
+export SA_OVERLAP_COPIES=${OVERLAP:-1}  # calibrate/forward.py overlaps the copies by default (0: in order)
 STEPS=" ${STEPS:-tests base cal eval sxs} "
 if [[ $STEPS == *" tests "* ]]; then
     timeout ${TESTS_T:-170} python3 -m pytest -q -x -p no:cacheprovider ${TESTS:-tests/gpu} 2>&1 | tee "$RES/gpu_tests.txt" | tail -8

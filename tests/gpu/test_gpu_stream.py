@@ -28,7 +28,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(params=["0", "1"], ids=["copies-in-order", "copies-overlapped"])
 def overlap(request, monkeypatch):
-    monkeypatch.setenv("SA_OVERLAP_COPIES", request.param)  # calibrate/forward.py's opt-in
+    # calibrate/forward.py: "0" = copies in order, "1" = overlapped (the default)
+    monkeypatch.setenv("SA_OVERLAP_COPIES", request.param)
     return request.param
 
 
