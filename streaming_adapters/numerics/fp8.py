@@ -118,7 +118,7 @@ _HIGH = -0x7F7F7F7F7F7F7F80  # 0x8080808080808080 as a signed int64
 
 def _maybe_nan(part: torch.Tensor) -> bool:
     """False only if ``part`` (uint8) certainly holds no 0x7F / 0xFF byte; True means: look byte by byte."""
-    if part.dim() < 1 or not part.is_contiguous() or part.numel() % 8 or part.data_ptr() % 8:
+    if not part.is_contiguous() or part.numel() % 8 or part.data_ptr() % 8:
         return True
     w = part.reshape(-1).view(torch.int64)
     return bool((((w & _LOW7) + _ONES) & _HIGH).any())

@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from w4a4_runs import compare, llmcompressor_w4a4, load_bf16, ours
+from w4a4_runs import assert_ct_configs_equivalent, compare, llmcompressor_w4a4, load_bf16, ours
 
 
 class GpuScalarDivision(TorchFunctionMode):
@@ -78,11 +78,7 @@ def test_llmcompressor_nvfp4_bit_for_bit(setup, family, ragged):
     mine = ours(src, data, "compressed-tensors", d / "ours-ct")
     n = compare(theirs, mine)
     assert n > 0
-    qa = json.loads((theirs / "config.json").read_text())["quantization_config"]
-    qb = json.loads((mine / "config.json").read_text())["quantization_config"]
-    assert qa["config_groups"]["group_0"]["input_activations"] == qb["config_groups"]["group_0"]["input_activations"]
-    assert qa["config_groups"]["group_0"]["weights"] == qb["config_groups"]["group_0"]["weights"]
-    assert sorted(qa["ignore"]) == sorted(qb["ignore"]) and qa["format"] == qb["format"]
+    assert_ct_configs_equivalent(theirs, mine)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "qwen3_moe", "deepseek_v3"])

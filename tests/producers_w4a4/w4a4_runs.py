@@ -16,12 +16,12 @@ Qwen3-MoE (docs/calibration.md, ``test_llmcompressor_mask.py``):
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from helpers import assert_bit_equal
+from reference import load_all as read_all
 from streaming_adapters.calibrate import CalibrationConfig
 from streaming_adapters.convert import convert_checkpoint
 
@@ -29,14 +29,6 @@ SAMPLES, SEQ_LEN = 6, 48
 ARCH = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM",
         "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
         "ministral3": "Ministral3ForCausalLM", "mixtral": "MixtralForCausalLM"}
-
-
-def read_all(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 def load_bf16(bf16: Path, **kw):
@@ -131,3 +123,14 @@ def compare(theirs: Path, mine: Path) -> int:
             got = got.to(torch.bfloat16)
         assert_bit_equal(got, want, k)
     return len(a)
+
+
+def assert_ct_configs_equivalent(theirs: Path, mine: Path) -> tuple[dict, dict]:
+    """llm-compressor's and our compressed-tensors ``quantization_config``: the same weights and
+    input_activations blocks, ignore list and format.  Returns both for further checks."""
+    qa = json.loads((theirs / "config.json").read_text())["quantization_config"]
+    qb = json.loads((mine / "config.json").read_text())["quantization_config"]
+    assert qa["config_groups"]["group_0"]["input_activations"] == qb["config_groups"]["group_0"]["input_activations"]
+    assert qa["config_groups"]["group_0"]["weights"] == qb["config_groups"]["group_0"]["weights"]
+    assert sorted(qa["ignore"]) == sorted(qb["ignore"]) and qa["format"] == qb["format"]
+    return qa, qb
