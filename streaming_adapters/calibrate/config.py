@@ -42,8 +42,8 @@ class CalibrationConfig:
     attention: Optional[str] = None
     """Attention while calibrating: eager or sdpa. Unset: the output format's producer's (eager for
     compressed-tensors, as llm-compressor; sdpa for modelopt), which keeps the input scales bit-exact to it.
-    sdpa for compressed-tensors calibrates a Mistral-Large layer 1.5x faster (H100); an amax may then differ
-    from llm-compressor's by a BF16 ulp."""
+    sdpa for compressed-tensors calibrates a Mistral-Large layer 1.5x faster (H100, 2026-12-07,
+    docs/benchmarks.md); an amax may then differ from llm-compressor's by a BF16 ulp."""
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.seq_len < 1:
