@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--gpu-gib", type=float, default=24)
     ap.add_argument("--host-gib", type=float, default=32)
     ap.add_argument("--workdir", default="/tmp/eval_bench")
-    ap.add_argument("--attn", default="eager", help="attn_implementation of the streamed layers (eager, sdpa)")
+    ap.add_argument("--attn", default="sdpa", help="attn_implementation of the streamed layers (eager, sdpa)")
     a = ap.parse_args()
     import streaming_adapters as sa
     from streaming_adapters.testing.fixtures import make_checkpoint

@@ -17,13 +17,13 @@ that one NVFP4 folder in a fresh interpreter:
 * ``transformers_dequantize``: the same with ``CompressedTensorsConfig(dequantize=True)`` (weights
   decompressed to BF16 once, at load).
 
-All three: eager attention, batch 1, BF16 logits, NLL from an fp32 log-softmax summed in fp64 (the
-transformers peers compute it here, independently of the project).  Time and peaks cover loading plus
-evaluation, after the imports (CPU time too: the process's, all threads, which a busy shared machine
-disturbs less than the wall time).  Peak host = the largest ``RssAnon`` of the peer's process, sampled from
-outside every 5 ms (``streaming_adapters/testing/rss.py``), minus its value when the timed part began; peak GPU
-= ``torch.cuda.max_memory_allocated``.  The perplexities must agree within ``--tolerance`` (relative,
-default 1e-3, see ``TOLERANCE``); the script exits 1 otherwise.
+All three: the same attention (``--attn``: sdpa, transformers' default and ours, or eager), batch 1, BF16
+logits, NLL from an fp32 log-softmax summed in fp64 (the transformers peers compute it here, independently of
+the project).  Time and peaks cover loading plus evaluation, after the imports (CPU time too: the process's,
+all threads, which a busy shared machine disturbs less than the wall time).  Peak host = the largest
+``RssAnon`` of the peer's process, sampled from outside every 5 ms (``streaming_adapters/testing/rss.py``),
+minus its value when the timed part began; peak GPU = ``torch.cuda.max_memory_allocated``.  The perplexities
+must agree within ``--tolerance`` (relative, default 1e-3, see ``TOLERANCE``); the script exits 1 otherwise.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def nll_of(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return float(-lp.gather(-1, ids[1:].to(lp.device)[:, None]).double().sum())
 
 
-def run_peer(name: str, nvfp4: str, rows_file: str, device: str) -> dict:
+def run_peer(name: str, nvfp4: str, rows_file: str, device: str, attn: str) -> dict:
     from safetensors.torch import load_file
 
     rows = list(load_file(rows_file)["input_ids"])
@@ -81,11 +81,11 @@ def run_peer(name: str, nvfp4: str, rows_file: str, device: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0, c0 = time.monotonic(), time.process_time()
     if name == "streaming_adapters":
-        r = sa.evaluate(nvfp4, rows, device=device)
+        r = sa.evaluate(nvfp4, rows, device=device, attn_implementation=attn)
         nll, tokens = r["nll"] * r["tokens"], r["tokens"]
     else:
         kw = {"quantization_config": CompressedTensorsConfig(dequantize=True)} if name.endswith("dequantize") else {}
-        model = AutoModelForCausalLM.from_pretrained(nvfp4, dtype=torch.bfloat16, attn_implementation="eager",
+        model = AutoModelForCausalLM.from_pretrained(nvfp4, dtype=torch.bfloat16, attn_implementation=attn,
                                                      device_map=device, **kw).eval()
         nll, tokens = 0.0, 0
         with torch.no_grad():
@@ -101,12 +101,12 @@ def run_peer(name: str, nvfp4: str, rows_file: str, device: str) -> dict:
             "perplexity": math.exp(nll / tokens), "gpu_peak_bytes": gpu}
 
 
-def measure(name: str, nvfp4: Path, rows_file: Path, device: str, work: Path) -> dict:
+def measure(name: str, nvfp4: Path, rows_file: Path, device: str, attn: str, work: Path) -> dict:
     from streaming_adapters.testing.rss import RssSampler
 
     out = work / f"{name}.json"
     cmd = [sys.executable, __file__, "--peer", name, "--nvfp4", str(nvfp4), "--rows-file", str(rows_file),
-           "--device", device, "--result", str(out)]
+           "--device", device, "--attn", attn, "--result", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     with RssSampler([proc.pid], interval_s=0.005) as rss:
         log, _ = proc.communicate()
@@ -167,7 +167,7 @@ def table(results: dict, a, what: str, nv: Path) -> str:
     base = results["streaming_adapters"]
     dev = torch.cuda.get_device_name(0) if a.device == "cuda" else f"{platform.machine()} CPU"
     lines = [f"Model: {what}; NVFP4 W4A16 compressed-tensors, {nv_bytes / MiB:.0f} MiB on disk. Rows: {a.rows} x "
-             f"{a.seq_len} tokens ({base['tokens']} predicted). Device: `{a.device}`.", "",
+             f"{a.seq_len} tokens ({base['tokens']} predicted). Device: `{a.device}`. Attention: {a.attn}.", "",
              "| peer | time (load + evaluate) | CPU time | peak GPU | peak host (added) | perplexity | "
              "rel. diff vs streaming_adapters |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
@@ -200,6 +200,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--attn", choices=("sdpa", "eager"), default="sdpa", help="attention of every peer")
     ap.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated, of {', '.join(PEERS)}")
     ap.add_argument("--tolerance", type=float, default=TOLERANCE, help="relative perplexity agreement")
     ap.add_argument("--workdir", default=None, help="keeps the fabricated and converted checkpoints")
@@ -211,7 +212,7 @@ def main() -> int:
     a = ap.parse_args()
     if a.peer:
         device = "cuda:0" if a.device == "cuda" else "cpu"
-        Path(a.result).write_text(json.dumps(run_peer(a.peer, a.nvfp4, a.rows_file, device)))
+        Path(a.result).write_text(json.dumps(run_peer(a.peer, a.nvfp4, a.rows_file, device, a.attn)))
         return 0
     peers = [p for p in a.peers.split(",") if p]
     if "streaming_adapters" not in peers or any(p not in PEERS for p in peers):
@@ -224,7 +225,7 @@ def main() -> int:
     print(f"prepared {nv} in {time.time() - t:.1f} s", flush=True)
     results = {}
     for p in peers:
-        results[p] = measure(p, nv, rows_file, a.device, work)
+        results[p] = measure(p, nv, rows_file, a.device, a.attn, work)
         r = results[p]
         print(f"{p}: {r['seconds']:.1f} s, perplexity {r['perplexity']:.10g}, host +{gib(r['host_peak_bytes'])}, "
               f"GPU {gib(r['gpu_peak_bytes'])}", flush=True)

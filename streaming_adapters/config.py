@@ -211,11 +211,13 @@ def choices() -> dict[str, tuple]:
     """The valid values of every key that takes one of a fixed set (checked before anything runs)."""
     from .bench.checkpoint import SHAPES
     from .bench.peers import PEERS
+    from .calibrate.skeleton import ATTENTIONS
     from .testing.fixtures import FAMILIES, FORMATS
 
     return {"task": TASKS, "device": DEVICES, "output.format": (None, "compressed-tensors", "modelopt"),
             "io.backend": ("mmap", "pread"), "benchmark.shape": tuple(SHAPES), "benchmark.peers": tuple(PEERS),
-            "checkpoint.fabricate.family": (None, *FAMILIES), "checkpoint.fabricate.format": tuple(FORMATS)}
+            "checkpoint.fabricate.family": (None, *FAMILIES), "checkpoint.fabricate.format": tuple(FORMATS),
+            "evaluate.attn_implementation": ATTENTIONS, "calibration.attention": (None, *ATTENTIONS)}
 
 
 # Keys each task reads besides these (a key a task does not read is refused unless left at its default, so
@@ -248,7 +250,8 @@ _WHY_EVALUATE = {"parallel.": "evaluate splits the rows over all ranks whatever 
 _NUMBERS = (("parallel.tp", 1, False), ("parallel.dp_shard", 1, False), ("parallel.pp", 1, False),
             ("parallel.ep", 1, False), ("io.chunk_mb", 1, False), ("io.readers", 1, False),
             ("io.step_mb", 1e-6, False), ("io.sync_s", 0, False), ("benchmark.layers", 1, False),
-            ("benchmark.nproc", 1, False), ("host_memory_gb", 1e-6, True), ("gpu_memory_gb", 1e-6, True))
+            ("benchmark.nproc", 1, False), ("host_memory_gb", 1e-6, True), ("gpu_memory_gb", 1e-6, True),
+            ("evaluate.samples", 1, True), ("evaluate.seq_len", 1, False), ("evaluate.host_budget_gb", 0, False))
 
 
 def validate(cfg) -> None:

@@ -18,15 +18,15 @@ def rows(n=3, seed=0, lo=5, hi=33):
     return [torch.randint(3, 1000, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g) for _ in range(n)]
 
 
-def whole_model_logits(path, samples, device: str = "cpu"):
-    """transformers' whole model (eager, filled by the project's loader), one row at a time."""
+def whole_model_logits(path, samples, device: str = "cpu", attn: str = "sdpa"):
+    """transformers' whole model (filled by the project's loader), one row at a time."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(str(path))
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16, attn_implementation=attn)
     model.to_empty(device=device)
     load_fp8_checkpoint(model, path, strict=False)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg).to(device)
@@ -45,13 +45,14 @@ def nll_of(logits, samples):
     return tot / n
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_streamed_logits_equal_whole_model(checkpoints, family):
+def test_streamed_logits_equal_whole_model(checkpoints, family, attn):
     # Same decoder-layer modules, same kwargs, batch 1: the streamed logits are the whole model's bit for bit.
     path = checkpoints(family, "fp8_block")
     samples = rows()
-    got = sa.evaluate(path, samples, keep_logits=True)
-    want = whole_model_logits(path, samples)
+    got = sa.evaluate(path, samples, keep_logits=True, attn_implementation=attn)
+    want = whole_model_logits(path, samples, attn=attn)
     for j, w in enumerate(want):
         assert got["logits"][j].dtype == torch.bfloat16
         assert torch.equal(got["logits"][j], w), j
@@ -159,6 +160,19 @@ def test_recipe_refuses_options_evaluate_ignores(checkpoints, tmp_path):
     # evaluate.* keys (samples, out_dir, data) are its own: none of them is named.
     assert "evaluate.samples=2 is" not in p.stderr and "evaluate.out_dir=" not in p.stderr
     assert not out.exists()
+
+
+def test_attention_other_than_eager_or_sdpa_is_refused(checkpoints, tmp_path):
+    from launch import entry
+
+    src = checkpoints("llama", "fp8_block")
+    p = entry(["--config-name", "evaluate", f"checkpoint.path={src}", f"evaluate.data={tmp_path / 'x.txt'}",
+               "evaluate.attn_implementation=flash_attention_2", f"evaluate.out_dir={tmp_path / 'ev'}"], check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, (p.returncode, p.stderr[-3000:])
+    assert "evaluate.attn_implementation=flash_attention_2 is not one of: eager, sdpa" in p.stderr, p.stderr
+    with pytest.raises(ValueError, match=r"attn_implementation must be one of \('eager', 'sdpa'\)"):
+        sa.evaluate(src, rows(1), attn_implementation="flash_attention_2")
+    assert not (tmp_path / "ev").exists()
 
 
 def test_evaluate_is_a_plain_function_and_the_old_module_paths_still_import():

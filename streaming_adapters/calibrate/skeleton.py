@@ -40,6 +40,11 @@ class _StopForward(Exception):
     pass
 
 
+# The attention implementations the streamed layers run: both take the additive causal / sliding-window mask
+# the model's own forward builds, on every device (flash-attention kernels would need a GPU and a package).
+ATTENTIONS = ("eager", "sdpa")
+
+
 class Skeleton:
     """The meta-device causal LM of a checkpoint, filled one decoder layer at a time."""
 
@@ -47,6 +52,8 @@ class Skeleton:
                  attn_implementation: str = "eager", moe_all_experts: bool = True):
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        if attn_implementation not in ATTENTIONS:
+            raise ValueError(f"attn_implementation must be one of {ATTENTIONS} (got {attn_implementation!r})")
         self.checkpoint = Path(checkpoint)
         self.device = device
         self.group = process_group

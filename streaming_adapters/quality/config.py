@@ -33,5 +33,8 @@ class EvaluateConfig:
     """Folder for spilled hidden states (default: a temporary folder)."""
     out_dir: str = "evaluation"
     """Where rank 0 writes report.json and layers.svg (per-layer error plot)."""
-    attn_implementation: str = "eager"
-    """transformers attention of the streamed layers: eager or sdpa."""
+    attn_implementation: str = "sdpa"
+    """transformers attention of the streamed layers: sdpa (transformers' default) or eager.  Both give the
+    whole model's logits bit for bit; sdpa never writes the rows x heads x S x S scores (at 96 heads x 2048
+    tokens, ~10 GB of memory traffic a row), which made calibration's layer 1.51x its floor with eager and
+    1.01x with sdpa on one H100 (docs/benchmarks.md, 2026-12-07)."""

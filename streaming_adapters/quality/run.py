@@ -131,7 +131,7 @@ def evaluate(
     device: str | torch.device = "cpu",
     host_budget_bytes: int = 32 << 30,
     work_dir: str | os.PathLike | None = None,
-    attn_implementation: str = "eager",
+    attn_implementation: str = "sdpa",
     out_dir: str | os.PathLike | None = None,
     keep_logits: bool = False,
     progress: bool = False,

@@ -35,7 +35,7 @@ if [[ $STEPS == *" cal "* ]]; then
     done
 fi
 if [[ $STEPS == *" eval "* ]]; then
-    for attn in ${EV_ATTNS:-eager}; do
+    for attn in ${EV_ATTNS:-sdpa}; do
         timeout ${EV_T:-200} python3 benchmarks/evaluate_gpu.py --layers $L --rows ${EV_ROWS:-128} --workdir /tmp/ev \
             --attn $attn 2>&1 | tee "$RES/evaluate-$attn.txt" | grep -v "it/s\]$" | tail -12
         cp /tmp/ev/evaluate_bench.json "$RES/evaluate_bench-$attn.json" 2>/dev/null
