@@ -48,12 +48,13 @@ def test_calibration_on_cuda_equals_whole_model_on_cuda(checkpoints, family, ove
     assert got.amax and all(got.amax[n] == want[n] for n in got.amax)
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_evaluate_on_cuda_equals_whole_model_on_cuda(checkpoints, family, overlap):
+def test_evaluate_on_cuda_equals_whole_model_on_cuda(checkpoints, family, overlap, attn):
     path = checkpoints(family, "fp8_block")
     rows = ragged(16, 1)
-    got = sa.evaluate(path, rows, device="cuda", keep_logits=True)
-    want = whole_model_logits(path, rows, device="cuda")
+    got = sa.evaluate(path, rows, device="cuda", keep_logits=True, attn_implementation=attn)
+    want = whole_model_logits(path, rows, device="cuda", attn=attn)
     for j, w in enumerate(want):
         assert torch.equal(got["logits"][j], w), j
 
