@@ -4,7 +4,10 @@
 #   1. NVFP4 W4A16 (recipe fp8_to_nvfp4): byte-identical to a single-process conversion;
 #   2. NVFP4 W4A4 (recipe fp8_to_nvfp4_w4a4, 8 calibration samples x 32 tokens, split over the 4 ranks):
 #      byte-identical to a single-process W4A4 run of the same recipe, and (tests/slurm/check_w4a4.py) every
-#      input scale finite and > 0, equal inside q_a/kv_a and gate/up, every W4A16 tensor byte for byte.
+#      input scale finite and > 0, equal inside q_a/kv_a and gate/up, every W4A16 tensor byte for byte;
+#   3. evaluate (recipe evaluate) of that W4A4 output against the FP8 checkpoint with the activations
+#      emulated, the 8 rows split over the 4 ranks: every number of report.json equal to one process's
+#      (tests/slurm/check_evaluate.py).
 # One cluster serves both runs; stops only the daemons it started (local_cluster.sh / run_slurm_test.sh).
 set -euo pipefail
 
@@ -40,6 +43,11 @@ CALIB="calibration.data=$WORK/calib.jsonl calibration.samples=8 calibration.seq_
     output.path="$WORK/single-w4a4" io.step_mb=0.25 report.progress=false \
     report.path="$WORK/single-w4a4.report.json" >/dev/null
 
+EVAL="evaluate.data=$WORK/calib.jsonl evaluate.reference=$WORK/fp8 evaluate.emulate_activations=true evaluate.seq_len=32"
+# shellcheck disable=SC2086  # EVAL: word-split on purpose
+"$PY" -m streaming_adapters.run --config-name evaluate checkpoint.path="$WORK/single-w4a4" $EVAL \
+    evaluate.out_dir="$WORK/single-eval" >/dev/null
+
 if ! "$CLUSTER" status >/dev/null 2>&1; then
     started_cluster=1
     "$CLUSTER" start | sed 's/^/  /'
@@ -61,4 +69,10 @@ echo "== W4A4: fp8_to_nvfp4_w4a4"
 SA_TEST_RECIPE=fp8_to_nvfp4_w4a4 SA_TEST_TIMEOUT=${SA_TEST_TIMEOUT:-300} \
 SA_TEST_OVERRIDES="checkpoint.path=$WORK/fp8 $CALIB output.path=@OUT@/nvfp4 parallel.dp_shard=@WORLD@ io.step_mb=0.25 report.progress=false report.path=@OUT@/report.json" \
 SA_TEST_CHECK="diff -r $WORK/single-w4a4 @OUT@/nvfp4 && $PY tests/slurm/check_w4a4.py @OUT@/nvfp4 $WORK/single @OUT@/report.json @WORLD@" \
+    tests/slurm/run_slurm_test.sh
+
+echo "== evaluate: the W4A4 output against the FP8 checkpoint, activations emulated"
+SA_TEST_RECIPE=evaluate SA_TEST_TIMEOUT=${SA_TEST_TIMEOUT:-300} \
+SA_TEST_OVERRIDES="checkpoint.path=$WORK/single-w4a4 $EVAL evaluate.out_dir=@OUT@/ev" \
+SA_TEST_CHECK="$PY tests/slurm/check_evaluate.py @OUT@/ev $WORK/single-eval @WORLD@" \
     tests/slurm/run_slurm_test.sh
