@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from .errors import CheckpointError, DistributedCheckpointError
@@ -43,6 +45,14 @@ def raise_gathered(errors: dict[int, BaseException]) -> None:
     raise DistributedCheckpointError(errors)
 
 
+def named(e: BaseException) -> CheckpointError:
+    """``e`` as a :class:`CheckpointError` the other ranks can be sent (its type and message), itself if it is one."""
+    if isinstance(e, CheckpointError):
+        return e
+    return CheckpointError(f"{type(e).__name__}: {e}",
+                           fix="if the message does not point at the checkpoint, report it as a bug")
+
+
 def run_then_gather(fn, group: dist.ProcessGroup | None = None):
     """Collective: ``fn()`` on every rank, then every rank raises if any rank's call failed (a failure that is
     not a :class:`CheckpointError` is named as one), so no rank waits at the next collective for a rank that
@@ -51,7 +61,52 @@ def run_then_gather(fn, group: dist.ProcessGroup | None = None):
     try:
         result = fn()
     except Exception as e:  # noqa: BLE001 -- every rank must learn of it
-        error = e if isinstance(e, CheckpointError) else CheckpointError(
-            f"{type(e).__name__}: {e}", fix="if the message does not point at the checkpoint, report it as a bug")
+        error = named(e)
     raise_on_all_ranks(error, group)
     return result
+
+
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a collective's tensor must live: the current GPU for NCCL, else the CPU (gloo)."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def raise_if_any(error: BaseException | None, group: dist.ProcessGroup | None = None) -> None:
+    """Collective: every rank raises if any rank has an error; when none has, it costs one 4-byte all-reduce
+    (the errors themselves are gathered only after a failure).  Called after a stretch of per-rank work (a
+    rank's rows, its spill files), before the next collective: without it the other ranks would go on into
+    that collective and wait there for the failed rank until the process group's timeout (10 min NCCL,
+    30 min gloo by default).  One process: ``error`` itself is raised."""
+    if not is_dist(group):
+        if error is not None:
+            raise error
+        return
+    flag = torch.tensor([int(error is not None)], dtype=torch.int32, device=collective_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if not int(flag.item()):
+        return
+    gathered = all_gather_object(named(error) if error is not None else None, group)
+    errors = {r: e for r, e in enumerate(gathered) if e is not None}
+    first = next(iter(errors.values()))
+    if len(errors) == len(gathered) and all(str(e) == str(first) for e in errors.values()):
+        out: CheckpointError = first  # the same failure everywhere: itself, with its own class
+    else:
+        out = DistributedCheckpointError(errors)  # says which rank(s) failed
+    if error is not None:
+        raise out from error  # the failed rank keeps its own traceback
+    raise out
+
+
+@contextlib.contextmanager
+def every_rank_raises(group: dist.ProcessGroup | None = None):
+    """``with every_rank_raises(group): <per-rank work>`` -- :func:`raise_if_any` on the block's exception
+    (collective at the end of the block; the block itself must not enter a collective after a point where
+    one rank may have failed)."""
+    error = None
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 -- every rank must learn of it
+        error = e
+    raise_if_any(error, group)

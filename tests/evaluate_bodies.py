@@ -9,3 +9,35 @@ def evaluate_rows(path: str, reference: str | None, emulate: bool, n: int, seed:
 
     r = sa.evaluate(path, rows(n, seed=seed), reference=reference, emulate_activations=emulate, out_dir=out_dir)
     return {k: v for k, v in r.items() if k not in ("seconds", "world", "layer_seconds")}
+
+
+def evaluate_failing(path: str, reference: str | None, n: int, fail_rank: int, fail_layer: int):
+    """evaluate() where, on ``fail_rank`` only, the forward of decoder layer ``fail_layer`` (of the evaluated
+    model) raises ENOSPC.  Returns (class name, message) of what this rank raised, or None; restores the module
+    for the pool's next test."""
+    import errno
+
+    import torch.distributed as dist
+
+    import streaming_adapters as sa
+    from streaming_adapters.quality import run
+    from test_evaluate import rows
+
+    real, calls = run.forward_rows, [0]
+    step = 2 if reference is not None else 1  # the reference's layer runs after the model's
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == fail_layer * step + 1:
+            raise OSError(errno.ENOSPC, f"No space left on device (injected on rank {dist.get_rank()})")
+        return real(*args, **kwargs)
+
+    if dist.get_rank() == fail_rank:
+        run.forward_rows = failing
+    try:
+        sa.evaluate(path, rows(n, seed=3), reference=reference)
+        return None
+    except Exception as e:  # noqa: BLE001 -- the test looks at what every rank raised
+        return type(e).__name__, str(e)
+    finally:
+        run.forward_rows = real

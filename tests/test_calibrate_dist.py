@@ -96,3 +96,39 @@ def _torchrun(args: list[str]):
            "--master-addr=127.0.0.1", "-m", "streaming_adapters.run", *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+INJECTED = "1 rank(s) failed; rank 1: OSError: [Errno 28] No space left on device (injected on rank 1)"
+
+
+def test_one_rank_failing_mid_layer_fails_every_rank_and_the_group_goes_on(checkpoints):
+    """Rank 1's forward of layer 1 fails (ENOSPC): both ranks raise one error naming rank 1 and its cause,
+    right after that layer's rows, instead of rank 0 waiting in the layer's all-reduce until the process
+    group's timeout; the same ranks then calibrate again, equal to one process."""
+    src, lengths = str(checkpoints("llama", "fp8_block")), [20, 17, 23, 12]
+    pool = ProcessGroupPool(2)
+    try:
+        failed = pool.run(B.calibrate_rows, src, lengths, 1 << 30, None, None, 1, 1)
+        again = pool.run(B.calibrate_rows, src, lengths, 1 << 30, None, None)
+    finally:
+        pool.close()
+    for r in failed:
+        assert r[:2] == ("error", "DistributedCheckpointError") and INJECTED in r[2], r
+    one = B.calibrate_rows(src, lengths, 1 << 30, None, None)
+    assert again[0][:2] == again[1][:2] == one[:2] and one[0] == "ok" and len(one[1]) == 18
+
+
+def test_ranks_that_spill_and_ranks_that_do_not_save_in_step(checkpoints, tmp_path):
+    """Rank 0's 33 tokens pass the host budget (32 tokens' worth) and spill; rank 1's 31 do not.  With a save
+    due after every layer, both ranks still meet in every collective (the save is asked of all ranks) and
+    the amax equal one process's."""
+    src = str(checkpoints("llama", "fp8_block"))
+    hidden = json.loads((checkpoints("llama", "fp8_block") / "config.json").read_text())["hidden_size"]
+    lengths, budget = [33, 31], 32 * hidden * 2
+    pool = ProcessGroupPool(2)
+    try:
+        got = pool.run(B.calibrate_rows, src, lengths, budget, str(tmp_path / "work"), 0.0)
+    finally:
+        pool.close()
+    one = B.calibrate_rows(src, lengths, 1 << 30, None, None)
+    assert one[0] == "ok" and got == [("ok", one[1], True), ("ok", one[1], False)]

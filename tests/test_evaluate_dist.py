@@ -29,3 +29,20 @@ def test_world_2_equals_world_1(checkpoints, tmp_path):
     assert one["rows"] == 5 and one["kl"] > 0 and len(one["layers"]) == 3
     saved = json.loads((tmp_path / "out" / "report.json").read_text())  # rank 0 wrote it
     assert saved["world"] == 2 and saved["kl"] == one["kl"] and saved["layers"] == one["layers"]
+
+
+def test_one_rank_failing_mid_layer_fails_every_rank(checkpoints):
+    """Rank 1's forward of layer 1 fails (ENOSPC): both ranks raise one error naming rank 1 and its cause,
+    instead of rank 0 going on into the reference's fill (a collective) and waiting there until the process
+    group's timeout; the same ranks then evaluate again, equal to one process."""
+    q, ref = str(checkpoints("llama", "fp8_block")), str(checkpoints("llama", "fp8_block", seed=1))
+    pool = ProcessGroupPool(2)
+    try:
+        failed = pool.run(B.evaluate_failing, q, ref, 4, 1, 1)
+        again = pool.run(B.evaluate_rows, q, ref, False, 4, 3, None)
+    finally:
+        pool.close()
+    for r in failed:
+        assert r[0] == "DistributedCheckpointError", r
+        assert "1 rank(s) failed; rank 1: OSError: [Errno 28] No space left on device (injected on rank 1)" in r[1], r
+    assert again[0] == again[1] == B.evaluate_rows(q, ref, False, 4, 3, None)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..dist import all_gather_object, is_dist, rank_and_world
+from ..dist import all_gather_object, collective_device, every_rank_raises, is_dist, rank_and_world
 from ..errors import CheckpointError
 from ..report import MemoryMonitor
 from .data import CalibrationTokens
@@ -98,16 +98,17 @@ def calibrate_activations(
     state = state if len(first) == 1 and None not in first else None
     saved = Path(work_dir, f"hidden-rank{rank}-saved.bin") if work_dir is not None else None
     from_file = state is not None and state["src"] == "saved"
-    store = HiddenStore([int(tokens.samples[j].numel()) for j in mine], sk.hidden_size,
-                        budget_bytes=host_budget_bytes, work_dir=work_dir, pin=dev.type == "cuda", tag=f"rank{rank}",
-                        resume_src=state["src"] if state and not from_file else None)
-    if from_file:
-        store.load(saved)
+    with every_rank_raises(process_group):  # a rank's own files (spill, saved states): it alone may fail
+        store = HiddenStore([int(tokens.samples[j].numel()) for j in mine], sk.hidden_size,
+                            budget_bytes=host_budget_bytes, work_dir=work_dir, pin=dev.type == "cuda",
+                            tag=f"rank{rank}", resume_src=state["src"] if state and not from_file else None)
+        if from_file:
+            store.load(saved)
     state = state if all_gather_object(store.resumed or not state, process_group).count(True) == world else None
     amax: dict[str, float] = dict(state["amax"]) if state else {}
     start = state["layer"] + 1 if state else 0
     if start == 0:
-        with torch.no_grad():
+        with torch.no_grad(), every_rank_raises(process_group):
             for k, j in enumerate(mine):
                 store.write(k, sk.embed(tokens.samples[j]))
             store.advance()
@@ -119,15 +120,20 @@ def calibrate_activations(
         for i in range(start, sk.num_layers):
             stats = _run_layer(sk, i, store, targets, amax, process_group, dev)
             layers.append(stats)
-            if store.spilled:
-                store.sync()
-                _write_state(work_dir, rank,
-                             {**key, "layer": i, "src": store.src_index, "amax": amax, "layers": layers})
-            elif saved is not None and persist_every_s is not None and i + 1 < sk.num_layers and any(
-                    all_gather_object(time.monotonic() - last_saved >= persist_every_s, process_group)):
-                # Every rank saves at the same layer (the resume needs them all at one layer).
-                store.save(saved)
-                _write_state(work_dir, rank, {**key, "layer": i, "src": "saved", "amax": amax, "layers": layers})
+            # Asked on every rank, spilled or not (a rank spills when its own rows pass the budget, so some
+            # may and some not): a collective only some ranks enter would leave them waiting.
+            due = saved is not None and persist_every_s is not None and i + 1 < sk.num_layers and any(
+                all_gather_object(time.monotonic() - last_saved >= persist_every_s, process_group))
+            with every_rank_raises(process_group):
+                if store.spilled:  # its files are the state: synced and recorded after every layer
+                    store.sync()
+                    _write_state(work_dir, rank,
+                                 {**key, "layer": i, "src": store.src_index, "amax": amax, "layers": layers})
+                elif due:  # every in-memory rank saves at the same layer (the resume needs one layer)
+                    store.save(saved)
+                    _write_state(work_dir, rank,
+                                 {**key, "layer": i, "src": "saved", "amax": amax, "layers": layers})
+            if due:
                 last_saved = time.monotonic()
             if progress and rank == 0:
                 print(_line(stats, sk.num_layers, tokens.num_tokens), flush=True)
@@ -178,23 +184,23 @@ def _run_layer(sk: Skeleton, i: int, store: HiddenStore, targets: set[str], amax
                group, dev: torch.device) -> dict[str, Any]:
     t0 = time.perf_counter()
     with MemoryMonitor(dev if dev.type == "cuda" else None) as mem:
-        layer = sk.fill_layer(i)
+        layer = sk.fill_layer(i)  # collective; a failure there is raised on every rank by the loader
         t_fill = time.perf_counter() - t0
         linears = {n: m for n, m in sk.linear_names(i).items() if n in targets}
         names = sorted(linears)
         running = torch.zeros(len(names), dtype=torch.bfloat16, device=dev)
-        hooks = [linears[n].register_forward_pre_hook(_hook(running, k)) for k, n in enumerate(names)]
-        try:
-            forward_rows(layer, store, sk.layer_kwargs, dev)
-        finally:
-            for h in hooks:
-                h.remove()
-        store.advance()
-        sk.free_layer(i)
+        with every_rank_raises(group):  # this rank's rows: it alone may fail (memory, its spill files)
+            hooks = [linears[n].register_forward_pre_hook(_hook(running, k)) for k, n in enumerate(names)]
+            try:
+                forward_rows(layer, store, sk.layer_kwargs, dev)
+            finally:
+                for h in hooks:
+                    h.remove()
+            store.advance()
+            sk.free_layer(i)
         red = running.float()  # BF16 values are exact in fp32; gloo cannot reduce BF16 with MAX
         if is_dist(group):
-            on = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-            red = red.to(on)
+            red = red.to(collective_device(group))
             dist.all_reduce(red, op=dist.ReduceOp.MAX, group=group)
         vals = red.cpu().tolist()
     for n, v in zip(names, vals):

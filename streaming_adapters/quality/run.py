@@ -33,7 +33,7 @@ from ..calibrate.data import CalibrationTokens, load_calibration_tokens
 from ..calibrate.forward import forward_rows
 from ..calibrate.skeleton import Skeleton
 from ..calibrate.store import HiddenStore
-from ..dist import all_gather_object, rank_and_world
+from ..dist import all_gather_object, every_rank_raises, rank_and_world
 from ..errors import CalibrationDataError
 from .emulate import InputScales, add_hooks
 from .metrics import reduce_rows, row_hidden_stats, row_logit_stats
@@ -44,23 +44,26 @@ class _Model:
 
     def __init__(self, checkpoint, dev, group, attn, lengths, budget, work_dir, tag, emulate: bool) -> None:
         self.sk = Skeleton(checkpoint, dev, group, attn)
-        self.store = HiddenStore(lengths, self.sk.hidden_size, budget_bytes=budget, work_dir=work_dir,
-                                 pin=dev.type == "cuda", tag=tag)
+        self.group = group
+        with every_rank_raises(group):  # this rank's spill files: it alone may fail
+            self.store = HiddenStore(lengths, self.sk.hidden_size, budget_bytes=budget, work_dir=work_dir,
+                                     pin=dev.type == "cuda", tag=tag)
         self.scales = InputScales(checkpoint) if emulate else None
         if self.scales is not None:
             self.scales.require()
         self.head: tuple[nn.Module, nn.Module] | None = None
 
     def run_layer(self, i: int, dev: torch.device) -> None:
-        layer = self.sk.fill_layer(i)
-        hooks = add_hooks(self.sk.linear_names(i), self.scales) if self.scales is not None else []
-        try:
-            forward_rows(layer, self.store, self.sk.layer_kwargs, dev)
-        finally:
-            for h in hooks:
-                h.remove()
-        self.store.advance()
-        self.sk.free_layer(i)
+        layer = self.sk.fill_layer(i)  # collective; a failure there is raised on every rank by the loader
+        with every_rank_raises(self.group):  # this rank's rows: it alone may fail (memory, its spill files)
+            hooks = add_hooks(self.sk.linear_names(i), self.scales) if self.scales is not None else []
+            try:
+                forward_rows(layer, self.store, self.sk.layer_kwargs, dev)
+            finally:
+                for h in hooks:
+                    h.remove()
+            self.store.advance()
+            self.sk.free_layer(i)
 
     def fill_head(self) -> None:
         """Final norm + lm_head (tied embeddings: the embedding's weight, as transformers ties them)."""
@@ -166,7 +169,9 @@ def evaluate(
     layer_seconds: list[float] = []  # this rank's wall time per decoder layer (fill + forward, both models)
     rows: list[dict[str, Any]] = [{"row": j, "positions": float(n), "hidden": []} for j, n in zip(mine, lengths)]
     try:
-        with torch.no_grad():
+        # Between collectives (the fills), every stretch of per-rank work ends in every_rank_raises: a rank
+        # that fails there takes the others down with it instead of leaving them in the next fill.
+        with torch.no_grad(), every_rank_raises(process_group):
             for mod in models:
                 for k, j in enumerate(mine):
                     mod.store.write(k, mod.sk.embed(toks.samples[j]))
@@ -176,20 +181,22 @@ def evaluate(
             for mod in models:
                 mod.run_layer(i, dev)
             if reference is not None:
-                for k in range(len(mine)):
-                    rows[k]["hidden"].append(row_hidden_stats(models[0].store.read(k), models[1].store.read(k)))
+                with every_rank_raises(process_group):
+                    for k in range(len(mine)):
+                        rows[k]["hidden"].append(row_hidden_stats(models[0].store.read(k), models[1].store.read(k)))
             layer_seconds.append(time.perf_counter() - tl)
             if progress and rank == 0:
                 print(f"evaluate layer {i + 1}/{n_layers}: {layer_seconds[-1]:.2f} s", flush=True)
         for mod in models:
             mod.fill_head()
         logits = {}
-        for k, j in enumerate(mine):
-            lg = m.logits(k, dev)
-            ref = models[1].logits(k, dev) if reference is not None else None
-            rows[k].update(row_logit_stats(lg, toks.samples[j], ref))
-            if keep_logits:
-                logits[j] = lg.cpu()
+        with every_rank_raises(process_group):
+            for k, j in enumerate(mine):
+                lg = m.logits(k, dev)
+                ref = models[1].logits(k, dev) if reference is not None else None
+                rows[k].update(row_logit_stats(lg, toks.samples[j], ref))
+                if keep_logits:
+                    logits[j] = lg.cpu()
         spilled = m.store.spilled
     finally:
         for mod in models:
