@@ -41,3 +41,18 @@ def evaluate_failing(path: str, reference: str | None, n: int, fail_rank: int, f
         return type(e).__name__, str(e)
     finally:
         run.forward_rows = real
+
+
+def evaluate_with_rank_paths(paths: list[str], data: list[str]):
+    """evaluate(paths[rank], data[rank]) -- what a job sees when a node lacks a file the others have (a
+    node-local copy of the checkpoint or of the rows).  Returns (class name, message) or None."""
+    import torch.distributed as dist
+
+    import streaming_adapters as sa
+
+    r = dist.get_rank()
+    try:
+        sa.evaluate(paths[r], data[r])
+        return None
+    except Exception as e:  # noqa: BLE001 -- the test looks at what every rank raised
+        return type(e).__name__, str(e)

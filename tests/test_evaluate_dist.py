@@ -46,3 +46,31 @@ def test_one_rank_failing_mid_layer_fails_every_rank(checkpoints):
         assert r[0] == "DistributedCheckpointError", r
         assert "1 rank(s) failed; rank 1: OSError: [Errno 28] No space left on device (injected on rank 1)" in r[1], r
     assert again[0] == again[1] == B.evaluate_rows(q, ref, False, 4, 3, None)
+
+
+def test_a_file_missing_on_one_node_fails_every_rank(checkpoints, tmp_path):
+    """Rank 1 cannot read its rows file, then (second run) its checkpoint's config.json, as a node whose local
+    copy is missing: both ranks raise one error naming rank 1 before the first collective (the embedding's
+    fill), instead of rank 0 waiting there until the process group's timeout."""
+    import shutil
+
+    import torch
+
+    q = checkpoints("llama", "fp8_block")
+    broken = tmp_path / "ckpt"
+    shutil.copytree(q, broken)
+    (broken / "config.json").unlink()
+    ids = tmp_path / "ids.pt"
+    torch.save({"input_ids": torch.randint(3, 1000, (2, 8))}, ids)
+    pool = ProcessGroupPool(2)
+    try:
+        no_rows = pool.run(B.evaluate_with_rank_paths, [str(q)] * 2, [str(ids), str(tmp_path / "none.pt")])
+        no_config = pool.run(B.evaluate_with_rank_paths, [str(q), str(broken)], [str(ids)] * 2)
+    finally:
+        pool.close()
+    for r in no_rows:
+        assert r[0] == "DistributedCheckpointError" and "1 rank(s) failed; rank 1:" in r[1], r
+        assert "none.pt" in r[1], r
+    for r in no_config:
+        assert r[0] == "DistributedCheckpointError" and "1 rank(s) failed; rank 1:" in r[1], r
+        assert "config.json" in r[1], r

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..dist import every_rank_raises
 from ..errors import CheckpointError
 from ..models.families import get_family
 from ..models.load import load_fp8_checkpoint
@@ -50,6 +51,14 @@ class Skeleton:
 
     def __init__(self, checkpoint: str | Path, device: torch.device, process_group: dist.ProcessGroup | None = None,
                  attn_implementation: str = "eager", moe_all_experts: bool = True):
+        # Everything before the embedding's fill (the first collective) is this rank's own reading of
+        # config.json and transformers' model class: a node that cannot must not leave the others in that fill.
+        with every_rank_raises(process_group):
+            self._build(checkpoint, device, process_group, attn_implementation, moe_all_experts)
+        self._materialize_embeddings()
+
+    def _build(self, checkpoint, device, process_group, attn_implementation, moe_all_experts) -> None:
+        """This rank's part: config.json, the family, transformers' model on the meta device, its layers."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         if attn_implementation not in ATTENTIONS:
@@ -80,7 +89,6 @@ class Skeleton:
         self.layers: nn.ModuleList = self.base.layers
         self.prefix = _prefix_of(self.model, self.layers)
         self._kwargs: OrderedDict[int, dict[str, Any]] = OrderedDict()
-        self._materialize_embeddings()
 
     @property
     def num_layers(self) -> int:

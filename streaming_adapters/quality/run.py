@@ -151,7 +151,8 @@ def evaluate(
     t0 = time.perf_counter()
     rank, world = rank_and_world(process_group)
     dev = torch.device(device)
-    toks = as_tokens(tokens, checkpoint, tokenizer=tokenizer, samples=samples, seq_len=seq_len)
+    with every_rank_raises(process_group):  # a rows file on a node-local disk may be missing on one node only
+        toks = as_tokens(tokens, checkpoint, tokenizer=tokenizer, samples=samples, seq_len=seq_len)
     mine = toks.shard(rank, world)
     lengths = [int(toks.samples[j].numel()) for j in mine]
     tmp = None
