@@ -45,12 +45,12 @@ class _Model:
     def __init__(self, checkpoint, dev, group, attn, lengths, budget, work_dir, tag, emulate: bool) -> None:
         self.sk = Skeleton(checkpoint, dev, group, attn)
         self.group = group
-        with every_rank_raises(group):  # this rank's spill files: it alone may fail
+        with every_rank_raises(group):  # this rank's spill files and its reading of the scales: it alone may fail
             self.store = HiddenStore(lengths, self.sk.hidden_size, budget_bytes=budget, work_dir=work_dir,
                                      pin=dev.type == "cuda", tag=tag)
-        self.scales = InputScales(checkpoint) if emulate else None
-        if self.scales is not None:
-            self.scales.require()
+            self.scales = InputScales(checkpoint) if emulate else None
+            if self.scales is not None:
+                self.scales.require()
         self.head: tuple[nn.Module, nn.Module] | None = None
 
     def run_layer(self, i: int, dev: torch.device) -> None:
