@@ -211,7 +211,7 @@ def choices() -> dict[str, tuple]:
     """The valid values of every key that takes one of a fixed set (checked before anything runs)."""
     from .bench.checkpoint import SHAPES
     from .bench.peers import PEERS
-    from .calibrate.skeleton import ATTENTIONS
+    from .calibrate.config import ATTENTIONS
     from .testing.fixtures import FAMILIES, FORMATS
 
     return {"task": TASKS, "device": DEVICES, "output.format": (None, "compressed-tensors", "modelopt"),

@@ -73,6 +73,15 @@ def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def any_over_ranks(flags: list[bool], group: dist.ProcessGroup | None = None) -> list[bool]:
+    """Collective: each flag OR-ed over the ranks (one all-reduce MAX of ``len(flags)`` int32)."""
+    if not is_dist(group):
+        return flags
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=collective_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return [bool(v) for v in t.tolist()]
+
+
 def raise_if_any(error: BaseException | None, group: dist.ProcessGroup | None = None) -> None:
     """Collective: every rank raises if any rank has an error; when none has, it costs one 4-byte all-reduce
     (the errors themselves are gathered only after a failure).  Called after a stretch of per-rank work (a
@@ -83,9 +92,7 @@ def raise_if_any(error: BaseException | None, group: dist.ProcessGroup | None = 
         if error is not None:
             raise error
         return
-    flag = torch.tensor([int(error is not None)], dtype=torch.int32, device=collective_device(group))
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    if not int(flag.item()):
+    if not any_over_ranks([error is not None], group)[0]:
         return
     gathered = all_gather_object(named(error) if error is not None else None, group)
     errors = {r: e for r, e in enumerate(gathered) if e is not None}

@@ -12,13 +12,26 @@ def convert_w4a4(src: str, dst: str, data: str, fmt: str, samples: int, seq_len:
     return rep.calibration["input_amax"]
 
 
+def enospc_at_call(real, n: int, rank: int):
+    """``real`` wrapped to raise ENOSPC at its ``n``-th call (1-based), as a full node-local disk would."""
+    import errno
+
+    calls = [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == n:
+            raise OSError(errno.ENOSPC, f"No space left on device (injected on rank {rank})")
+        return real(*args, **kwargs)
+
+    return failing
+
+
 def calibrate_rows(src: str, lengths: list[int], budget: int, work_dir: str | None, persist_every_s: float | None,
                    fail_rank: int | None = None, fail_layer: int = 1):
     """``calibrate_activations`` on random rows of ``lengths``; on ``fail_rank`` the forward of decoder layer
     ``fail_layer`` raises ENOSPC (as a full node-local spill disk would).  Returns ("ok", amax, spilled) or
     ("error", class name, message); the engine is restored for the pool's next test."""
-    import errno
-
     import torch
     import torch.distributed as dist
 
@@ -29,16 +42,9 @@ def calibrate_rows(src: str, lengths: list[int], budget: int, work_dir: str | No
     g = torch.Generator().manual_seed(5)
     toks = CalibrationTokens([torch.randint(3, 1001, (n,), generator=g) for n in lengths], "test", max(lengths))
     rank = dist.get_rank() if dist.is_initialized() else 0
-    real, calls = engine.forward_rows, [0]
-
-    def failing(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == fail_layer + 1:
-            raise OSError(errno.ENOSPC, f"No space left on device (injected on rank {rank})")
-        return real(*args, **kwargs)
-
+    real = engine.forward_rows
     if rank == fail_rank:
-        engine.forward_rows = failing
+        engine.forward_rows = enospc_at_call(real, fail_layer + 1, rank)
     try:
         r = engine.calibrate_activations(src, toks, targets_of(src), host_budget_bytes=budget, work_dir=work_dir,
                                          persist_every_s=persist_every_s)

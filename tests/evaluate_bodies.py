@@ -15,25 +15,17 @@ def evaluate_failing(path: str, reference: str | None, n: int, fail_rank: int, f
     """evaluate() where, on ``fail_rank`` only, the forward of decoder layer ``fail_layer`` (of the evaluated
     model) raises ENOSPC.  Returns (class name, message) of what this rank raised, or None; restores the module
     for the pool's next test."""
-    import errno
-
     import torch.distributed as dist
 
     import streaming_adapters as sa
+    from calib_bodies import enospc_at_call
     from streaming_adapters.quality import run
     from test_evaluate import rows
 
-    real, calls = run.forward_rows, [0]
+    real = run.forward_rows
     step = 2 if reference is not None else 1  # the reference's layer runs after the model's
-
-    def failing(*args, **kwargs):
-        calls[0] += 1
-        if calls[0] == fail_layer * step + 1:
-            raise OSError(errno.ENOSPC, f"No space left on device (injected on rank {dist.get_rank()})")
-        return real(*args, **kwargs)
-
     if dist.get_rank() == fail_rank:
-        run.forward_rows = failing
+        run.forward_rows = enospc_at_call(real, fail_layer * step + 1, fail_rank)
     try:
         sa.evaluate(path, rows(n, seed=3), reference=reference)
         return None

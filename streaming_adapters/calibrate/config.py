@@ -12,6 +12,9 @@ DEFAULT_SEQ_LEN = 2048
 # 32 GiB of hidden states on the host before spilling to disk: 512 x 2048 tokens at hidden 12288 (Mistral
 # Large) are 24 GiB of BF16, so the 123B bar stays in memory; larger runs spill (docs/calibration.md).
 DEFAULT_HOST_BUDGET_GB = 32.0
+# The attention implementations the streamed layers run: both take the additive causal / sliding-window mask
+# the model's own forward builds, on every device (flash-attention kernels would need a GPU and a package).
+ATTENTIONS = ("eager", "sdpa")
 
 
 @dataclass
@@ -51,7 +54,7 @@ class CalibrationConfig:
                              f"{self.seq_len})")
         if self.persist_every_s is not None and self.persist_every_s < 0:
             raise ValueError(f"calibration.persist_every_s must be >= 0 or null (got {self.persist_every_s})")
-        if self.attention not in (None, "eager", "sdpa"):
+        if self.attention not in (None, *ATTENTIONS):
             raise ValueError(f"calibration.attention must be eager, sdpa or null (got {self.attention!r})")
         if self.host_budget_gb < 0:
             raise ValueError(f"calibration.host_budget_gb must be >= 0 (got {self.host_budget_gb})")

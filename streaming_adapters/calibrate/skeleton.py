@@ -33,17 +33,13 @@ from ..errors import CheckpointError
 from ..models.families import get_family
 from ..models.load import load_fp8_checkpoint
 from ..read.prefetch import PageCachePrefetch
+from .config import ATTENTIONS
 
 _KWARGS_CACHE = 4  # distinct sequence lengths whose layer kwargs are kept (each up to S^2 BF16 of mask)
 
 
 class _StopForward(Exception):
     pass
-
-
-# The attention implementations the streamed layers run: both take the additive causal / sliding-window mask
-# the model's own forward builds, on every device (flash-attention kernels would need a GPU and a package).
-ATTENTIONS = ("eager", "sdpa")
 
 
 class Skeleton:

@@ -18,7 +18,7 @@ from ..calibrate import run as calib
 from ..checkpoint.byteio import BoxReader
 from ..checkpoint.coverage import check_coverage
 from ..checkpoint.index import CheckpointIndex
-from ..dist import all_gather_object, raise_on_all_ranks, rank_and_world, run_then_gather
+from ..dist import all_gather_object, any_over_ranks, raise_on_all_ranks, rank_and_world, run_then_gather
 from ..errors import CheckpointError
 from ..formats import get_adapter
 from ..models.families import get_family
@@ -28,7 +28,7 @@ from .options import ConvertOptions
 from .plan import ConversionPlan, make_plan, source_fingerprint
 from .report import ConvertReport
 from .staging import BOOK, StagedOutput, kill_point, write_error
-from .steps import _any_over_ranks, _finalize, _named, _prefetch, _run_step
+from .steps import _finalize, _named, _prefetch, _run_step
 
 RESTART_HINT = "restart=True (Python API) / output.restart=true (recipe)"
 
@@ -154,7 +154,7 @@ class Conversion:
         """The step's collective (sync points are time-based: every rank must take the same ones), then the
         sync point if any rank wants one.  Returns an error to carry to the next collective."""
         want_sync = last or time.perf_counter() - self.last_sync >= self.options.sync_every_s
-        failed, want_sync = _any_over_ranks([error is not None, want_sync], self.group)
+        failed, want_sync = any_over_ranks([error is not None, want_sync], self.group)
         if failed:
             raise_on_all_ranks(error, self.group)
         if want_sync:

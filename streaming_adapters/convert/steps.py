@@ -50,15 +50,6 @@ def _named(e: BaseException, rank: int, where: Path) -> CheckpointError:
                            fix="if the message does not point at the checkpoint, report it as a bug")
 
 
-def _any_over_ranks(flags: list[bool], group) -> list[bool]:
-    if not is_dist(group):
-        return flags
-    dev = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return [bool(v) for v in t.tolist()]
-
-
 
 def _prefetch(plan: ConversionPlan, step: Step, rank: int, io: BoxReader) -> None:
     """Advisory only: a failure here (a shard that changed) is met, named and gathered by the step's read."""

@@ -44,7 +44,6 @@ class _Model:
 
     def __init__(self, checkpoint, dev, group, attn, lengths, budget, work_dir, tag, emulate: bool) -> None:
         self.sk = Skeleton(checkpoint, dev, group, attn)
-        self.group = group
         with every_rank_raises(group):  # this rank's spill files and its reading of the scales: it alone may fail
             self.store = HiddenStore(lengths, self.sk.hidden_size, budget_bytes=budget, work_dir=work_dir,
                                      pin=dev.type == "cuda", tag=tag)
@@ -55,7 +54,7 @@ class _Model:
 
     def run_layer(self, i: int, dev: torch.device) -> None:
         layer = self.sk.fill_layer(i)  # collective; a failure there is raised on every rank by the loader
-        with every_rank_raises(self.group):  # this rank's rows: it alone may fail (memory, its spill files)
+        with every_rank_raises(self.sk.group):  # this rank's rows: it alone may fail (memory, its spill files)
             hooks = add_hooks(self.sk.linear_names(i), self.scales) if self.scales is not None else []
             try:
                 forward_rows(layer, self.store, self.sk.layer_kwargs, dev)
