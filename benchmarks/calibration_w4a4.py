@@ -129,7 +129,7 @@ def main() -> None:
     floor = flops / flops_rate + fp8_bytes / disk + traffic / h2d + traffic / d2h
     rows = []
     print(f"BF16 matmul {flops_rate / 1e12:.0f} TFLOP/s, disk {disk / 1e9:.2f} GB/s, H2D {h2d / 1e9:.1f} GB/s, "
-          f"D2H {d2h / 1e9:.1f} GB/s; attention {args.attn}; hidden states "
+          f"D2H {d2h / 1e9:.1f} GB/s; attention {args.attn}: {res.attention_kernel}; hidden states "
           f"{'spilled' if res.spilled else 'in host memory'}")
     print(f"{'layer':>5} {'seconds':>8} {'fill s':>7} {'floor s':>8} {'ratio':>6} {'GPU peak GiB':>12} "
           f"{'host peak GiB':>13} {'+ hidden GiB':>12}")
@@ -142,7 +142,8 @@ def main() -> None:
     print(f"total {wall:.1f} s; 88 layers extrapolated: {88 * per_layer / 60:.1f} min on one GPU")
     (work / "calibration_bench.json").write_text(json.dumps({"rows": rows, "wall_s": wall, "tflops": flops_rate / 1e12,
                                                            "disk_gbps": disk / 1e9, "h2d": h2d, "d2h": d2h,
-                                                           "attn": args.attn}, indent=1))
+                                                           "attn": args.attn, "attention_kernel": res.attention_kernel},
+                                                          indent=1))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from ..dist import all_gather_object, collective_device, every_rank_raises, is_dist, rank_and_world
 from ..errors import CheckpointError
 from ..report import MemoryMonitor
+from . import attention
 from .data import CalibrationTokens
 from .forward import forward_rows
 from .skeleton import Skeleton
@@ -58,6 +59,7 @@ class CalibrationResult:
     seq_len: int
     moe_all_experts: bool
     attn_implementation: str = "eager"
+    attention_kernel: str = ""  # which kernels made eager's probabilities on this rank (attention.status())
     spilled: bool = False
     resumed_layers: int = 0   # layers taken from an interrupted run's resume point
     seconds: float = 0.0
@@ -147,7 +149,7 @@ def calibrate_activations(
     return CalibrationResult(amax=dict(sorted(amax.items())), tokens_sha256=tokens.sha256,
                              samples=len(tokens.samples), tokens=tokens.num_tokens, seq_len=tokens.seq_len,
                              moe_all_experts=moe_all_experts, attn_implementation=attn_implementation,
-                             spilled=store.spilled, resumed_layers=start,
+                             attention_kernel=attention.status(), spilled=store.spilled, resumed_layers=start,
                              seconds=time.perf_counter() - t0, layers=layers)
 
 

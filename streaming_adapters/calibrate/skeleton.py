@@ -33,6 +33,7 @@ from ..errors import CheckpointError
 from ..models.families import get_family
 from ..models.load import load_fp8_checkpoint
 from ..read.prefetch import PageCachePrefetch
+from . import attention
 from .config import ATTENTIONS
 
 _KWARGS_CACHE = 4  # distinct sequence lengths whose layer kwargs are kept (each up to S^2 BF16 of mask)
@@ -75,8 +76,9 @@ class Skeleton:
         config.use_cache = False
         self.config = config
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16,
-                                                     attn_implementation=attn_implementation)
+            # eager on CUDA: the model's own eager attention with its softmax in one Triton pass, same bits
+            self.model = AutoModelForCausalLM.from_config(
+                config, dtype=torch.bfloat16, attn_implementation=attention.implementation(attn_implementation, device))
         from .moe import linearize_experts
 
         linearize_experts(self.model, moe_all_experts)  # per-expert nn.Linear: hooks see each expert's input

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 
@@ -30,10 +31,23 @@ def native_fp8(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
-def jit(fn, interpret: bool, no_specialize: list[str]):
-    """The kernel ``fn`` compiled by Triton, or run by its CPU interpreter (tests without a GPU)."""
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction
+def jit(fn, interpret: bool, no_specialize: list[str], helpers: tuple = ()):
+    """The kernel ``fn`` compiled by Triton, or run by its CPU interpreter (tests without a GPU).
 
-        return InterpretedFunction(fn)
-    return triton.jit(fn, do_not_specialize=no_specialize)
+    ``helpers``: plain functions ``fn`` calls.  Triton wants them wrapped the same way as the kernel (a
+    ``JITFunction`` inside a compiled kernel, an ``InterpretedFunction`` inside an interpreted one), so the
+    kernel gets its own globals with the helpers wrapped for its mode; the module's stay plain."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    wrap = InterpretedFunction if interpret else triton.jit
+    def rebind(f, g):  # the same function reading its globals from g
+        out = types.FunctionType(f.__code__, g, f.__name__, f.__defaults__, f.__closure__)
+        # Triton reads which parameters are tl.constexpr from the annotations; FunctionType does not copy them
+        out.__annotations__, out.__qualname__, out.__module__ = dict(f.__annotations__), f.__qualname__, f.__module__
+        return out
+
+    if helpers:
+        g = dict(fn.__globals__)  # helpers calling helpers resolve them here too
+        g.update({h.__name__: wrap(rebind(h, g)) for h in helpers})
+        fn = rebind(fn, g)
+    return InterpretedFunction(fn) if interpret else triton.jit(fn, do_not_specialize=no_specialize)

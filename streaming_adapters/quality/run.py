@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..calibrate import attention
 from ..calibrate.data import CalibrationTokens, load_calibration_tokens
 from ..calibrate.forward import forward_rows
 from ..calibrate.skeleton import Skeleton
@@ -206,7 +207,8 @@ def evaluate(
     everyone = sorted((r for part in all_gather_object(rows, process_group) for r in part), key=lambda r: r["row"])
     report = {"checkpoint": str(checkpoint), "reference": str(reference) if reference is not None else None,
               "emulate_activations": emulate_activations, "tokens_sha256": toks.sha256, "seq_len": toks.seq_len,
-              "world": world, "spilled": spilled, **reduce_rows(everyone, n_layers),
+              "world": world, "spilled": spilled, "attention": attn_implementation,
+              "attention_kernel": attention.status(), **reduce_rows(everyone, n_layers),
               "seconds": time.perf_counter() - t0, "layer_seconds": layer_seconds}
     if rank == 0:
         if out_dir is not None:
