@@ -36,11 +36,15 @@ def raise_on_all_ranks(error: BaseException | None, group: dist.ProcessGroup | N
     raise_gathered(errors)
 
 
-def raise_gathered(errors: dict[int, BaseException]) -> None:
+def raise_gathered(errors: dict[int, BaseException], world: int | None = None) -> None:
+    """Raise the ranks' gathered ``errors`` (rank -> error), if any: the same :class:`CheckpointError` on every
+    failed rank as itself, else one :class:`DistributedCheckpointError`.  With ``world``, "itself" only when all
+    ``world`` ranks failed, so a failure of some ranks names them."""
     if not errors:
         return
     first = next(iter(errors.values()))
-    if isinstance(first, CheckpointError) and all(str(e) == str(first) for e in errors.values()):
+    if (isinstance(first, CheckpointError) and all(str(e) == str(first) for e in errors.values())
+            and (world is None or len(errors) == world)):
         raise first
     raise DistributedCheckpointError(errors)
 
@@ -96,14 +100,12 @@ def raise_if_any(error: BaseException | None, group: dist.ProcessGroup | None = 
         return
     gathered = all_gather_object(named(error) if error is not None else None, group)
     errors = {r: e for r, e in enumerate(gathered) if e is not None}
-    first = next(iter(errors.values()))
-    if len(errors) == len(gathered) and all(str(e) == str(first) for e in errors.values()):
-        out: CheckpointError = first  # the same failure everywhere: itself, with its own class
-    else:
-        out = DistributedCheckpointError(errors)  # says which rank(s) failed
-    if error is not None:
-        raise out from error  # the failed rank keeps its own traceback
-    raise out
+    try:
+        raise_gathered(errors, world=len(gathered))
+    except CheckpointError as out:
+        if error is not None:
+            raise out from error  # the failed rank keeps its own traceback
+        raise
 
 
 @contextlib.contextmanager

@@ -36,14 +36,15 @@ def status() -> str:
     """One phrase for logs and report.json: which kernel made the eager probabilities in this process."""
     if _State.disabled:
         return f"stock eager ({_State.disabled})"
-    if not _State.verified:
-        return "stock eager (fused path not used)" if _State.calls == 0 else "fused"
+    if not _State.verified:  # every fast call follows a check that verified its bucket
+        return "stock eager (fused path not used)"
     return f"fused (equal to stock eager bit for bit at row lengths <= {sorted(_State.verified)})"
 
 
-def _stock(module):
-    """The attention function transformers' eager path calls for this module's family."""
-    return sys.modules[type(module).__module__].eager_attention_forward
+def _family(module):
+    """The transformers modeling module of this attention module: its ``eager_attention_forward`` (what the
+    stock eager path calls) and its ``repeat_kv``."""
+    return sys.modules[type(module).__module__]
 
 
 def fused_eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -51,12 +52,12 @@ def fused_eager_attention(module, query, key, value, attention_mask, scaling, dr
     module's family, bit for bit; the probabilities by the Triton kernel whenever it applies."""
     from ..numerics import triton_softmax
 
-    stock = _stock(module)
+    family = _family(module)
+    stock = family.eager_attention_forward
     if _State.disabled or module.training or not query.is_cuda:
         return stock(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    repeat_kv = sys.modules[type(module).__module__].repeat_kv
-    key_states = repeat_kv(key, module.num_key_value_groups)
-    value_states = repeat_kv(value, module.num_key_value_groups)
+    key_states = family.repeat_kv(key, module.num_key_value_groups)
+    value_states = family.repeat_kv(value, module.num_key_value_groups)
     scores = torch.matmul(query, key_states.transpose(2, 3))
     if not triton_softmax.applies(scores, attention_mask):
         del scores

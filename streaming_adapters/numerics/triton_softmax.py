@@ -86,7 +86,8 @@ def _eager_probs_kernel(
     b = rows // (n_q * n_h)
     mrow_off = b.to(tl.int64) * m_stride_b + h.to(tl.int64) * m_stride_h + q.to(tl.int64) * m_stride_q
 
-    # the row max, exact in any order: the whole row in one load (many loads in flight; later passes hit L1)
+    # the row max, exact in any order: the whole row in one load (many loads in flight; the later passes reread
+    # it from cache)
     whole, whole_ok = _scores(s_ptr, m_ptr, row_off, mrow_off, k, tl.arange(0, IT * W), valid_row, scale, HAS_MASK,
                        m_stride_k)
     row_max = tl.reduce(whole, 1, tl.standard._elementwise_max)  # tl.reduce: the interpreter cannot call tl.max

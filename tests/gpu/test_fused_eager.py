@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from transformers.models.llama.modeling_llama import repeat_kv  # the test family's, as transformers' modules have
+
 from streaming_adapters.calibrate import attention
 from streaming_adapters.numerics.triton_softmax import applies, eager_probs_
 
@@ -104,9 +106,6 @@ def test_a_differing_stock_turns_the_fast_path_off():
     assert torch.equal(got, want)
     assert attention._State.disabled and "differed" in attention.status()
     assert not torch.equal(got, fam.eager_attention_forward(mod, q, *kv, None, scaling=mod.scaling)[0])
-
-
-repeat_kv = __import__("transformers.models.llama.modeling_llama", fromlist=["repeat_kv"]).repeat_kv
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
