@@ -135,6 +135,7 @@ def run_peer(name: str, a, work: Path) -> dict:
                                                              samples=a.samples, seq_len=a.seq_len))
         layers = (r.calibration or {}).get("layers") or []
         extra["pinned_bytes"] = max((L.get("hidden_host_bytes", 0) for L in layers), default=0) if cuda else 0
+        extra["attention_kernel"] = (r.calibration or {}).get("attention_kernel", "")
     elif name == "bf16_copy":
         convert_checkpoint(fp8, bf16, target="bf16", device=device, progress=False)
     elif name == "llmcompressor":
@@ -277,6 +278,9 @@ def table(a, what: str, res: dict, cmp: dict, work: Path) -> str:
                                       f"{REFERENCE[name]} ({c['input_scales_differ']} of {c['input_scales']})")
         lines.append(f"| {name} | {inp} | {r['seconds']:.1f} s | {total} | {r['cpu_seconds']:.1f} s | "
                      f"{mib(r['gpu_peak_bytes'])} | {host} | {mib(size)} | {diff} |")
+    kernels = [f"{name}: {r['attention_kernel']}" for name, r in res.items() if r.get("attention_kernel")]
+    if kernels:
+        lines += ["", "This project's attention probabilities: " + "; ".join(kernels) + "."]
     lines += ["", f"Machine: {dev}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, torch "
               f"{torch.__version__}, transformers {_version('transformers')}, llm-compressor "
               f"{_version('llmcompressor')}, nvidia-modelopt {_version('nvidia-modelopt')}, compressed-tensors "

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:Runti
               pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]
 
 from streaming_adapters.calibrate.attention import implementation  # noqa: E402
-from streaming_adapters.numerics.triton_softmax import applies, eager_probs_  # noqa: E402
+from streaming_adapters.numerics.triton_softmax import Tuning, applies, eager_probs_  # noqa: E402
 
 MIN = torch.finfo(torch.bfloat16).min
 SCALING = 128 ** -0.5
@@ -76,6 +76,33 @@ def test_kernel_equals_the_cuda_order(shape, masking):
     assert torch.equal(bits(got), bits(want))
 
 
+TUNINGS = [Tuning(), Tuning(unroll=1), Tuning(unroll=64, staged=True), Tuning(rows=1, warps=1, staged=True),
+           Tuning(rows=8, warps=8, unroll=4, staged=True, whole=False), Tuning(rows=16, warps=4, whole=False)]
+
+
+@pytest.mark.parametrize("tuning", TUNINGS, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 7, 33), (1, 1, 5, 2048)])
+def test_every_tuning_gives_the_same_bytes(tuning, shape):
+    b, h, q, k = shape
+    g = torch.Generator().manual_seed(q)
+    scores = (torch.randn(shape, generator=g) * 40).to(torch.bfloat16)
+    mask = causal(q, k, b)
+    want = cuda_eager_probs(scores, mask, SCALING)
+    got = scores.clone()
+    eager_probs_(got, mask, SCALING, interpret=True, tuning=tuning)
+    assert torch.equal(bits(got), bits(want))
+
+
+def test_tuning_is_validated():
+    assert Tuning.parse("rows=8, warps=2,unroll=16,staged=1,whole=0") == Tuning(rows=8, warps=2, unroll=16, staged=True,
+                                                                             whole=False)
+    assert Tuning.parse("") == Tuning()
+    with pytest.raises(ValueError, match="SA_EAGER_TUNING.*'row=8'"):
+        Tuning.parse("row=8")
+    with pytest.raises(ValueError, match="rows must be a power of two"):
+        Tuning(rows=3)
+
+
 def test_masked_to_minus_infinity_rows_are_nan_as_in_aten():
     # a fully masked row of -inf scores: max -inf, exp(NaN): NaN probabilities, as the stock path gives
     scores = torch.full((1, 1, 2, 8), float("-inf"), dtype=torch.bfloat16)
@@ -102,6 +129,13 @@ def test_the_fused_attention_is_only_for_eager_on_cuda():
     assert implementation("sdpa", torch.device("cpu")) == "sdpa"
 
 
+def test_the_report_names_the_attention_that_made_the_probabilities():
+    from streaming_adapters.calibrate.attention import status
+
+    assert status("sdpa") == "sdpa (not eager: no separate probabilities)"
+    assert status("eager") == "stock eager (fused path not used)"  # on CPU the kernel never runs
+
+
 def test_transformers_takes_the_registered_attention_and_mask():
     # The registration path of implementation() on a CUDA machine, exercised on CPU: transformers builds the
     # model under the registered name and gives the function eager's additive BF16 mask; on CPU the function
@@ -126,7 +160,8 @@ def test_transformers_takes_the_registered_attention_and_mask():
     assert torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
-def test_the_kernel_compiles_for_hopper_as_launched():
+@pytest.mark.parametrize("tuning", [Tuning(), Tuning(staged=True, unroll=1, whole=False)], ids=str)
+def test_the_kernel_compiles_for_hopper_as_launched(tuning):
     # Compiled here for sm_90 with Triton's bundled ptxas (no GPU needed), with the parameters Triton itself
     # reads from the kernel (its tl.constexpr annotations) and the launch options of eager_probs_: no
     # flush-to-zero in the exp's arithmetic (ATen's expf keeps subnormals), an IEEE division.
@@ -136,18 +171,39 @@ def test_the_kernel_compiles_for_hopper_as_launched():
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from streaming_adapters.numerics.triton_softmax import ROWS, _kernel
+    from streaming_adapters.numerics.triton_softmax import _kernel
 
     k = _kernel(False)
-    const = {"W": 32, "IT": 64, "LOG_W": 5, "HAS_MASK": True, "ROWS": ROWS, "LIBDEVICE": True}
+    const = {"W": 32, "IT": 64, "LOG_W": 5, "HAS_MASK": True, "ROWS": tuning.rows, "LIBDEVICE": True,
+             "UNROLL": tuning.unroll, "STAGED": tuning.staged, "WHOLE": tuning.whole}
     assert {p.name for p in k.params if p.is_constexpr} == set(const)
-    types = {"s_ptr": "*bf16", "m_ptr": "*bf16", "scale": "fp32"}
-    sig = {p.name: "constexpr" if p.is_constexpr else types.get(p.name, "i64") for p in k.params}
+    const = dict(const)
+    # the runtime arguments at k = 2048 with a causal [1, 1, q, k] mask, specialised as Triton's launcher does
+    # (native_specialize_impl: 1 -> a constant, multiples of 16 -> "D", divisible by 16)
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    args = {"n_rows": 4 * 96 * 2048 + 4, "k": 2048, "n_h": 96, "n_q": 2048, "scale": 0.088,
+            "m_stride_b": 0, "m_stride_h": 0, "m_stride_q": 2048, "m_stride_k": 1}
     names = [p.name for p in k.params]
-    src = ASTSource(fn=k, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()})
+    sig, attrs = {"s_ptr": "*bf16", "m_ptr": "*bf16"}, {(names.index("s_ptr"),): [["tt.divisibility", 16]],
+                                                       (names.index("m_ptr"),): [["tt.divisibility", 16]]}
+    for p in k.params:
+        if p.name in args:
+            ty, key = native_specialize_impl(BaseBackend, args[p.name], False, not p.do_not_specialize, True)
+            if ty == "constexpr":
+                const[p.name] = args[p.name]
+            elif key == "D":
+                attrs[(names.index(p.name),)] = [["tt.divisibility", 16]]
+            sig[p.name] = ty
+    assert "k" not in const and (names.index("k"),) in attrs and const["m_stride_k"] == 1
+    sig.update({n: "constexpr" for n in const})
+    src = ASTSource(fn=k, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()}, attrs=attrs)
     out = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                         options={"num_warps": ROWS, "enable_fp_fusion": False, "enable_reflect_ftz": False})
+                         options={"num_warps": tuning.warps, "enable_fp_fusion": False, "enable_reflect_ftz": False})
     ptx = out.asm["ptx"]
     assert re.search(r"div\.rn\.f32", ptx) and not re.search(r"div\.(full|approx)", ptx)
     ftz = re.findall(r"^\s*(\S+\.ftz\S*)", ptx, re.M)
     assert ftz and set(ftz) == {"ex2.approx.ftz.f32"}  # only inside __nv_expf, on its reduced argument
+    if tuning.whole:  # the row max's load: 16-byte vectors (k and the mask's row stride are multiples of 16)
+        assert re.search(r"ld\.global\.v4\.b32", ptx)

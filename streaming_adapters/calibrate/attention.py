@@ -32,8 +32,11 @@ class _State:
     calls = 0  # fast calls (not counting the checks)
 
 
-def status() -> str:
-    """One phrase for logs and report.json: which kernel made the eager probabilities in this process."""
+def status(attn_implementation: str = "eager") -> str:
+    """One phrase for logs and report.json: which kernel made the eager probabilities in this process (an
+    attention other than eager makes none: its name)."""
+    if attn_implementation != "eager":
+        return f"{attn_implementation} (not eager: no separate probabilities)"
     if _State.disabled:
         return f"stock eager ({_State.disabled})"
     if not _State.verified:  # every fast call follows a check that verified its bucket

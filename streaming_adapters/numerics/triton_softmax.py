@@ -8,8 +8,11 @@ ATen kernels::
 each a full pass over a ``heads x q x k`` tensor: at Mistral-Large's 96 heads x 2048 x 2048 that is ~13 GB
 of memory traffic per calibration sample (BF16 written and read back three times, an FP32 copy for the
 softmax's input and another for its output), ~2.8 s of a calibration layer's 8.3 s on one H100
-(docs/benchmarks.md, 2026-12-07).  This kernel reads the BF16 scores once and writes the BF16
-probabilities in place: ~1.6 GB.
+(docs/benchmarks.md, 2026-12-07).  This kernel works a program's rows (2 by default, 8 KB) in three
+passes that stay in cache after the first: the row max (one vectorised load of the whole row, which also
+writes the softmax's BF16 inputs over the scores), each lane's sum of exps, and the probabilities written
+in place.  Main memory sees ~1.6 GB a sample plus the staged write-back; one H100 takes 1.60 ms a sample
+where ATen's four passes take 4.71 ms (:class:`Tuning`).
 
 It is exact because it does what those kernels do, in their order:
 
@@ -34,14 +37,52 @@ back to the stock path for good if they ever differ.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 
 import torch
 
 from ._triton import jit, tl, triton
 
 MAX_K = 2048  # ATen's persistent warp softmax takes rows up to 2048 elements (dispatch_softmax_forward)
-ROWS = 4  # rows per program, one warp each: 4 warps
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """How the kernel is launched.  Every choice gives the same bytes (the adds and roundings do not depend on
+    it); only the speed does (tests/gpu/bench_softmax.py times them side by side)."""
+
+    # The defaults are the fastest of the choices tried on one H100 at 96 x 2048 x 2048 with a causal mask
+    # (2026-12-07, tests/gpu/bench_softmax.py): 1.60 ms a sample against stock's 4.71 ms; 4 rows 1.72 ms;
+    # unrolled but not staged 2.47 ms, neither 2.77 ms; a max taken lane by lane (whole=False) 5.4-14 ms.
+    rows: int = 2  # rows per program
+    warps: int = 2
+    unroll: int = 8  # passes 2-3 unrolled by this factor: that many iterations' loads issue together
+    staged: bool = True  # pass 1 writes bf16(bf16(s * scale) + mask) over the scores; passes 2-3 read it back
+    whole: bool = True  # pass 1 (the max) loads the whole row at once; else lane by lane, as passes 2-3
+
+    def __post_init__(self):
+        for name in ("rows", "warps", "unroll"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and 0 < v <= 64 and v & (v - 1) == 0):
+                raise ValueError(f"Tuning.{name} must be a power of two from 1 to 64, got {v!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> "Tuning":
+        """``"rows=4,warps=4,unroll=8,staged=0,whole=1"`` (any subset): the ``SA_EAGER_TUNING`` override benchmarks use."""
+        kw = {}
+        for item in filter(None, (t.strip() for t in text.split(","))):
+            name, _, value = item.partition("=")
+            if name not in ("rows", "warps", "unroll", "staged", "whole") or not value.isdigit():
+                raise ValueError("SA_EAGER_TUNING: expected name=integer with name in rows, warps, unroll, staged, "
+                                 f"whole; got {item!r}")
+            kw[name] = bool(int(value)) if name in ("staged", "whole") else int(value)
+        return cls(**kw)
+
+
+def default_tuning() -> Tuning:
+    return Tuning.parse(os.environ.get("SA_EAGER_TUNING", ""))
 
 
 def _rne_bf16(x):
@@ -72,11 +113,48 @@ def _scores(s_ptr, m_ptr, row_off, mrow_off, k, cols, valid_row, scale, HAS_MASK
     return tl.where(ok, x, float("-inf")), ok
 
 
+def _lane_sum(acc, it, s_ptr, m_ptr, row_off, mrow_off, k, valid_row, scale, row_max, HAS_MASK: tl.constexpr,
+              m_stride_k, W: tl.constexpr, STAGED: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """Each lane's sum after element ``it``: ``acc + expf(x - max)``."""
+    x = _staged_or_scores(s_ptr, m_ptr, row_off, mrow_off, k, it * W + tl.arange(0, W), valid_row, scale, HAS_MASK,
+                          m_stride_k, STAGED)
+    return acc + _expf(x - row_max[:, None], LIBDEVICE)
+
+
+def _write_probs(it, s_ptr, m_ptr, row_off, mrow_off, k, valid_row, scale, row_max, total, HAS_MASK: tl.constexpr,
+                 m_stride_k, W: tl.constexpr, STAGED: tl.constexpr, LIBDEVICE: tl.constexpr):
+    """Elements ``it * W + lane``: ``bf16(expf(x - max) / sum)``, stored over the scores."""
+    cols = it * W + tl.arange(0, W)
+    x = _staged_or_scores(s_ptr, m_ptr, row_off, mrow_off, k, cols, valid_row, scale, HAS_MASK, m_stride_k, STAGED)
+    e = _expf(x - row_max[:, None], LIBDEVICE)
+    p = tl.math.div_rn(e, tl.broadcast_to(total[:, None], (total.shape[0], W)))
+    p = tl.where(total[:, None] == 0.0, float("nan"), p)
+    ok = valid_row[:, None] & (cols[None, :] < k)
+    tl.store(s_ptr + row_off[:, None] + cols[None, :], _bf16_bits(p), mask=ok)
+
+
+def _bf16_bits(x):
+    """fp32 -> its BF16 rounding (nearest even) as a bfloat16 tensor."""
+    return (_rne_bf16(x).to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+def _staged_or_scores(s_ptr, m_ptr, row_off, mrow_off, k, cols, valid_row, scale, HAS_MASK: tl.constexpr, m_stride_k,
+                      STAGED: tl.constexpr):
+    """The softmax's inputs at ``cols``: from the scores (mask and roundings again), or, ``STAGED``, the BF16
+    values pass 1 wrote over them (exact: they are BF16 values)."""
+    if STAGED:
+        ok = valid_row[:, None] & (cols[None, :] < k)
+        x = tl.load(s_ptr + row_off[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        return tl.where(ok, x, float("-inf"))
+    x, ok = _scores(s_ptr, m_ptr, row_off, mrow_off, k, cols, valid_row, scale, HAS_MASK, m_stride_k)
+    return x
+
+
 def _eager_probs_kernel(
     s_ptr, m_ptr, n_rows, k, n_h, n_q, scale,
     m_stride_b, m_stride_h, m_stride_q, m_stride_k,
     W: tl.constexpr, IT: tl.constexpr, LOG_W: tl.constexpr, HAS_MASK: tl.constexpr, ROWS: tl.constexpr,
-    LIBDEVICE: tl.constexpr,
+    LIBDEVICE: tl.constexpr, UNROLL: tl.constexpr, STAGED: tl.constexpr, WHOLE: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     valid_row = rows < n_rows
@@ -86,37 +164,51 @@ def _eager_probs_kernel(
     b = rows // (n_q * n_h)
     mrow_off = b.to(tl.int64) * m_stride_b + h.to(tl.int64) * m_stride_h + q.to(tl.int64) * m_stride_q
 
-    # the row max, exact in any order: the whole row in one load (many loads in flight; the later passes reread
-    # it from cache)
-    whole, whole_ok = _scores(s_ptr, m_ptr, row_off, mrow_off, k, tl.arange(0, IT * W), valid_row, scale, HAS_MASK,
-                       m_stride_k)
-    row_max = tl.reduce(whole, 1, tl.standard._elementwise_max)  # tl.reduce: the interpreter cannot call tl.max
+    # the row max, exact in any order.  WHOLE: the whole row in one load (vectorised, every load in flight at
+    # once, 64 registers a thread at k = 2048); else lane by lane like the passes below (fewer registers, more
+    # programs resident).  STAGED: the softmax's inputs written over the scores (exact: they are BF16 values).
+    if WHOLE:
+        cols = tl.arange(0, IT * W)
+        whole, whole_ok = _scores(s_ptr, m_ptr, row_off, mrow_off, k, cols, valid_row, scale, HAS_MASK, m_stride_k)
+        row_max = tl.reduce(whole, 1, tl.standard._elementwise_max)  # the interpreter cannot call tl.max
+        if STAGED:
+            tl.store(s_ptr + row_off[:, None] + cols[None, :], whole.to(tl.bfloat16), mask=whole_ok)
+            # the passes below read these values from other threads (their layout is not this load's): wait
+            # for the program's stores (bar.sync also orders its global memory).  Without it, k = 129 read
+            # unscaled scores and gave NaN (H100, 2026-12-07).
+            tl.debug_barrier()
+    else:
+        lane_max = tl.full((ROWS, W), float("-inf"), tl.float32)
+        for it in tl.range(IT, loop_unroll_factor=UNROLL):
+            cols = it * W + tl.arange(0, W)
+            x, ok = _scores(s_ptr, m_ptr, row_off, mrow_off, k, cols, valid_row, scale, HAS_MASK, m_stride_k)
+            lane_max = tl.maximum(lane_max, x)
+            if STAGED:
+                tl.store(s_ptr + row_off[:, None] + cols[None, :], x.to(tl.bfloat16), mask=ok)
+        row_max = tl.reduce(lane_max, 1, tl.standard._elementwise_max)
 
-    # each lane's sum, in its element order
+    # each lane's sum, in its element order.  UNROLL: the same adds in the same order, but UNROLL iterations'
+    # loads issue together instead of one cache round trip per element (64 per pass at k = 2048).
     acc = tl.full((ROWS, W), 0.0, tl.float32)  # tl.full: tl.zeros is a jit function (interpreter)
-    for it in range(IT):
-        x, ok = _scores(s_ptr, m_ptr, row_off, mrow_off, k, it * W + tl.arange(0, W), valid_row, scale, HAS_MASK,
-                        m_stride_k)
-        acc = acc + _expf(x - row_max[:, None], LIBDEVICE)
+    for it in tl.range(IT, loop_unroll_factor=UNROLL):
+        acc = _lane_sum(acc, it, s_ptr, m_ptr, row_off, mrow_off, k, valid_row, scale, row_max, HAS_MASK,
+                        m_stride_k, W, STAGED, LIBDEVICE)
     # the xor butterfly: lane l += lane l ^ off for off = W/2 .. 1; lane 0's tree, as halves added pairwise
     for step in tl.static_range(LOG_W):
         acc = tl.reduce(tl.reshape(acc, (ROWS, 2, W >> (step + 1))), 1, tl.standard._sum_combine)  # one add
     total = tl.reshape(acc, (ROWS,))
 
-    for it in range(IT):
-        cols = it * W + tl.arange(0, W)
-        x, ok = _scores(s_ptr, m_ptr, row_off, mrow_off, k, cols, valid_row, scale, HAS_MASK, m_stride_k)
-        e = _expf(x - row_max[:, None], LIBDEVICE)
-        p = tl.math.div_rn(e, tl.broadcast_to(total[:, None], (ROWS, W)))
-        p = tl.where(total[:, None] == 0.0, float("nan"), p)
-        bits = (_rne_bf16(p).to(tl.uint32, bitcast=True) >> 16).to(tl.uint16)
-        tl.store(s_ptr + row_off[:, None] + cols[None, :], bits.to(tl.bfloat16, bitcast=True), mask=ok)
+    for it in tl.range(IT, loop_unroll_factor=UNROLL):
+        _write_probs(it, s_ptr, m_ptr, row_off, mrow_off, k, valid_row, scale, row_max, total, HAS_MASK,
+                     m_stride_k, W, STAGED, LIBDEVICE)
 
 
 @functools.cache
 def _kernel(interpret: bool):
-    return jit(_eager_probs_kernel, interpret, ["n_rows", "k", "n_h", "n_q", "m_stride_b", "m_stride_h",
-                                                "m_stride_q", "m_stride_k"], helpers=(_rne_bf16, _expf, _scores))
+    # k and the mask's strides are specialised (Triton notes which are multiples of 16): then the row loads are
+    # 16-byte vectors, not one 2-byte load an element.  The row counts are not (one build for every batch).
+    return jit(_eager_probs_kernel, interpret, ["n_rows", "n_h", "n_q"],
+               helpers=(_rne_bf16, _expf, _scores, _lane_sum, _write_probs, _bf16_bits, _staged_or_scores))
 
 
 def applies(scores: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -134,7 +226,8 @@ def applies(scores: torch.Tensor, mask: torch.Tensor | None) -> bool:
     return all(m in (1, s) for m, s in zip(mask.shape, scores.shape))
 
 
-def eager_probs_(scores: torch.Tensor, mask: torch.Tensor | None, scaling: float, *, interpret: bool = False) -> None:
+def eager_probs_(scores: torch.Tensor, mask: torch.Tensor | None, scaling: float, *, interpret: bool = False,
+                 tuning: Tuning | None = None) -> None:
     """Replace BF16 ``scores`` ``[b, h, q, k]`` by ``softmax((scores * scaling) + mask, -1, float32).to(bf16)``
     in place, bit for bit as ATen computes it (module docstring).  The caller checks :func:`applies`."""
     b, h, q, k = scores.shape
@@ -146,9 +239,10 @@ def eager_probs_(scores: torch.Tensor, mask: torch.Tensor | None, scaling: float
     else:
         m = mask
         strides = tuple(0 if mask.shape[i] == 1 else mask.stride(i) for i in range(4))
-    grid = (triton.cdiv(n_rows, ROWS),)
+    t = tuning or default_tuning()
+    grid = (triton.cdiv(n_rows, t.rows),)
     _kernel(interpret)[grid](
         scores, m, n_rows, k, h, q, float(scaling), *strides,
-        W=w, IT=p // w, LOG_W=w.bit_length() - 1, HAS_MASK=mask is not None, ROWS=ROWS, LIBDEVICE=not interpret,
-        num_warps=ROWS, enable_fp_fusion=False, enable_reflect_ftz=False,
+        W=w, IT=p // w, LOG_W=w.bit_length() - 1, HAS_MASK=mask is not None, ROWS=t.rows, LIBDEVICE=not interpret,
+        UNROLL=t.unroll, STAGED=t.staged, WHOLE=t.whole, num_warps=t.warps, enable_fp_fusion=False, enable_reflect_ftz=False,
     )

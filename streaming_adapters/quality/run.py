@@ -208,7 +208,7 @@ def evaluate(
     report = {"checkpoint": str(checkpoint), "reference": str(reference) if reference is not None else None,
               "emulate_activations": emulate_activations, "tokens_sha256": toks.sha256, "seq_len": toks.seq_len,
               "world": world, "spilled": spilled, "attention": attn_implementation,
-              "attention_kernel": attention.status(), **reduce_rows(everyone, n_layers),
+              "attention_kernel": attention.status(attn_implementation), **reduce_rows(everyone, n_layers),
               "seconds": time.perf_counter() - t0, "layer_seconds": layer_seconds}
     if rank == 0:
         if out_dir is not None:
