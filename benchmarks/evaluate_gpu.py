@@ -71,7 +71,8 @@ def main() -> None:
     floor = flops / flops_rate + nvfp4_bytes / disk + traffic / h2d + traffic / d2h
     print(f"BF16 matmul {flops_rate / 1e12:.0f} TFLOP/s, disk {disk / 1e9:.2f} GB/s, H2D {h2d / 1e9:.1f} GB/s, "
           f"D2H {d2h / 1e9:.1f} GB/s; floor per layer {floor:.1f} s; GPU peak {peak / GiB:.2f} GiB "
-          f"(cap {a.gpu_gib} GiB); attention {a.attn}: {r['attention_kernel']}; hidden states {'spilled' if r['spilled'] else 'in host memory'}")
+          f"(cap {a.gpu_gib} GiB); attention {a.attn}: {r['attention_kernel']}; hidden states "
+          f"{'spilled' if r['spilled'] else 'in host memory'}")
     print("perplexity of random weights at these dims is astronomically large by construction (logits of random "
           "12288-wide layers); quality is measured on the trained model (benchmarks/quality_table.py)")
     for k, t in enumerate(r["layer_seconds"]):

@@ -65,7 +65,7 @@ def fused_eager_attention(module, query, key, value, attention_mask, scaling, dr
     if not triton_softmax.applies(scores, attention_mask):
         del scores
         return stock(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    bucket = 1 << max(scores.shape[-1] - 1, 0).bit_length()
+    bucket = triton_softmax.row_bucket(scores.shape[-1])
     check = bucket not in _State.verified
     if check:
         ref_out, ref_probs = stock(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,

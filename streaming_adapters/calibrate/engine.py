@@ -149,7 +149,8 @@ def calibrate_activations(
     return CalibrationResult(amax=dict(sorted(amax.items())), tokens_sha256=tokens.sha256,
                              samples=len(tokens.samples), tokens=tokens.num_tokens, seq_len=tokens.seq_len,
                              moe_all_experts=moe_all_experts, attn_implementation=attn_implementation,
-                             attention_kernel=attention.status(attn_implementation), spilled=store.spilled, resumed_layers=start,
+                             attention_kernel=attention.status(attn_implementation), spilled=store.spilled,
+                             resumed_layers=start,
                              seconds=time.perf_counter() - t0, layers=layers)
 
 

@@ -50,7 +50,6 @@ def _named(e: BaseException, rank: int, where: Path) -> CheckpointError:
                            fix="if the message does not point at the checkpoint, report it as a bug")
 
 
-
 def _prefetch(plan: ConversionPlan, step: Step, rank: int, io: BoxReader) -> None:
     """Advisory only: a failure here (a shard that changed) is met, named and gathered by the step's read."""
     try:

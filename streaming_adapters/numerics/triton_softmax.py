@@ -11,7 +11,7 @@ softmax's input and another for its output), ~2.8 s of a calibration layer's 8.3
 (docs/benchmarks.md, 2026-12-07).  This kernel works a program's rows (2 by default, 8 KB) in three
 passes that stay in cache after the first: the row max (one vectorised load of the whole row, which also
 writes the softmax's BF16 inputs over the scores), each lane's sum of exps, and the probabilities written
-in place.  Main memory sees ~1.6 GB a sample plus the staged write-back; one H100 takes 1.60 ms a sample
+in place.  Main memory sees ~1.6 GB a sample plus the staged write-back; one H100 takes 1.61 ms a sample
 where ATen's four passes take 4.71 ms (:class:`Tuning`).
 
 It is exact because it does what those kernels do, in their order:
@@ -54,7 +54,7 @@ class Tuning:
     it); only the speed does (tests/gpu/bench_softmax.py times them side by side)."""
 
     # The defaults are the fastest of the choices tried on one H100 at 96 x 2048 x 2048 with a causal mask
-    # (2026-12-07, tests/gpu/bench_softmax.py): 1.60 ms a sample against stock's 4.71 ms; 4 rows 1.72 ms;
+    # (2026-12-07, tests/gpu/bench_softmax.py): 1.60-1.61 ms a sample against stock's 4.71 ms; 4 rows 1.72 ms;
     # unrolled but not staged 2.47 ms, neither 2.77 ms; a max taken lane by lane (whole=False) 5.4-14 ms.
     rows: int = 2  # rows per program
     warps: int = 2
@@ -70,19 +70,27 @@ class Tuning:
 
     @classmethod
     def parse(cls, text: str) -> "Tuning":
-        """``"rows=4,warps=4,unroll=8,staged=0,whole=1"`` (any subset): the ``SA_EAGER_TUNING`` override benchmarks use."""
+        """``"rows=4,warps=4,unroll=8,staged=0,whole=1"`` (any subset): the ``SA_EAGER_TUNING`` override
+        benchmarks use."""
+        names = [f.name for f in dataclasses.fields(cls)]
         kw = {}
         for item in filter(None, (t.strip() for t in text.split(","))):
             name, _, value = item.partition("=")
-            if name not in ("rows", "warps", "unroll", "staged", "whole") or not value.isdigit():
-                raise ValueError("SA_EAGER_TUNING: expected name=integer with name in rows, warps, unroll, staged, "
-                                 f"whole; got {item!r}")
-            kw[name] = bool(int(value)) if name in ("staged", "whole") else int(value)
+            if name not in names or not value.isdigit():
+                raise ValueError(f"SA_EAGER_TUNING: expected name=integer with name in {', '.join(names)}; "
+                                 f"got {item!r}")
+            kw[name] = type(getattr(cls, name))(int(value))  # bool fields: 0 / 1
         return cls(**kw)
 
 
+@functools.lru_cache(maxsize=4)
+def _parsed(text: str) -> Tuning:
+    return Tuning.parse(text)
+
+
 def default_tuning() -> Tuning:
-    return Tuning.parse(os.environ.get("SA_EAGER_TUNING", ""))
+    """The defaults, or ``SA_EAGER_TUNING``'s (parsed once per value: this runs for every attention call)."""
+    return _parsed(os.environ.get("SA_EAGER_TUNING", ""))
 
 
 def _rne_bf16(x):
@@ -101,23 +109,26 @@ def _expf(x, LIBDEVICE: tl.constexpr):
     return tl.exp(x)
 
 
-def _scores(s_ptr, m_ptr, row_off, mrow_off, k, cols, valid_row, scale, HAS_MASK: tl.constexpr, m_stride_k):
-    """Columns ``cols`` of ROWS rows as the softmax sees them: fp32 of bf16(bf16(s * scale) + mask); ``-inf``
-    past ``k`` (what softmax_warp_forward loads there)."""
+def _scores(s_ptr, m_ptr, row_off, mrow_off, k, cols, valid_row, scale, HAS_MASK: tl.constexpr, m_stride_k,
+            STAGED: tl.constexpr):
+    """Columns ``cols`` of ROWS rows as the softmax sees them, and where they are in the row: fp32 of
+    bf16(bf16(s * scale) + mask), or, ``STAGED``, the BF16 values pass 1 wrote over the scores (the same
+    values: they are BF16); ``-inf`` past ``k`` (what softmax_warp_forward loads there)."""
     ok = valid_row[:, None] & (cols[None, :] < k)
-    s = tl.load(s_ptr + row_off[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    x = _rne_bf16(s * scale)
-    if HAS_MASK:
-        m = tl.load(m_ptr + mrow_off[:, None] + cols[None, :] * m_stride_k, mask=ok, other=0.0).to(tl.float32)
-        x = _rne_bf16(x + m)
+    x = tl.load(s_ptr + row_off[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if not STAGED:
+        x = _rne_bf16(x * scale)
+        if HAS_MASK:
+            m = tl.load(m_ptr + mrow_off[:, None] + cols[None, :] * m_stride_k, mask=ok, other=0.0).to(tl.float32)
+            x = _rne_bf16(x + m)
     return tl.where(ok, x, float("-inf")), ok
 
 
 def _lane_sum(acc, it, s_ptr, m_ptr, row_off, mrow_off, k, valid_row, scale, row_max, HAS_MASK: tl.constexpr,
               m_stride_k, W: tl.constexpr, STAGED: tl.constexpr, LIBDEVICE: tl.constexpr):
     """Each lane's sum after element ``it``: ``acc + expf(x - max)``."""
-    x = _staged_or_scores(s_ptr, m_ptr, row_off, mrow_off, k, it * W + tl.arange(0, W), valid_row, scale, HAS_MASK,
-                          m_stride_k, STAGED)
+    x, ok = _scores(s_ptr, m_ptr, row_off, mrow_off, k, it * W + tl.arange(0, W), valid_row, scale, HAS_MASK,
+                    m_stride_k, STAGED)
     return acc + _expf(x - row_max[:, None], LIBDEVICE)
 
 
@@ -125,29 +136,16 @@ def _write_probs(it, s_ptr, m_ptr, row_off, mrow_off, k, valid_row, scale, row_m
                  m_stride_k, W: tl.constexpr, STAGED: tl.constexpr, LIBDEVICE: tl.constexpr):
     """Elements ``it * W + lane``: ``bf16(expf(x - max) / sum)``, stored over the scores."""
     cols = it * W + tl.arange(0, W)
-    x = _staged_or_scores(s_ptr, m_ptr, row_off, mrow_off, k, cols, valid_row, scale, HAS_MASK, m_stride_k, STAGED)
+    x, ok = _scores(s_ptr, m_ptr, row_off, mrow_off, k, cols, valid_row, scale, HAS_MASK, m_stride_k, STAGED)
     e = _expf(x - row_max[:, None], LIBDEVICE)
     p = tl.math.div_rn(e, tl.broadcast_to(total[:, None], (total.shape[0], W)))
     p = tl.where(total[:, None] == 0.0, float("nan"), p)
-    ok = valid_row[:, None] & (cols[None, :] < k)
     tl.store(s_ptr + row_off[:, None] + cols[None, :], _bf16_bits(p), mask=ok)
 
 
 def _bf16_bits(x):
     """fp32 -> its BF16 rounding (nearest even) as a bfloat16 tensor."""
     return (_rne_bf16(x).to(tl.uint32, bitcast=True) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-def _staged_or_scores(s_ptr, m_ptr, row_off, mrow_off, k, cols, valid_row, scale, HAS_MASK: tl.constexpr, m_stride_k,
-                      STAGED: tl.constexpr):
-    """The softmax's inputs at ``cols``: from the scores (mask and roundings again), or, ``STAGED``, the BF16
-    values pass 1 wrote over them (exact: they are BF16 values)."""
-    if STAGED:
-        ok = valid_row[:, None] & (cols[None, :] < k)
-        x = tl.load(s_ptr + row_off[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        return tl.where(ok, x, float("-inf"))
-    x, ok = _scores(s_ptr, m_ptr, row_off, mrow_off, k, cols, valid_row, scale, HAS_MASK, m_stride_k)
-    return x
 
 
 def _eager_probs_kernel(
@@ -169,23 +167,25 @@ def _eager_probs_kernel(
     # programs resident).  STAGED: the softmax's inputs written over the scores (exact: they are BF16 values).
     if WHOLE:
         cols = tl.arange(0, IT * W)
-        whole, whole_ok = _scores(s_ptr, m_ptr, row_off, mrow_off, k, cols, valid_row, scale, HAS_MASK, m_stride_k)
+        whole, whole_ok = _scores(s_ptr, m_ptr, row_off, mrow_off, k, cols, valid_row, scale, HAS_MASK, m_stride_k,
+                                  False)
         row_max = tl.reduce(whole, 1, tl.standard._elementwise_max)  # the interpreter cannot call tl.max
         if STAGED:
             tl.store(s_ptr + row_off[:, None] + cols[None, :], whole.to(tl.bfloat16), mask=whole_ok)
-            # the passes below read these values from other threads (their layout is not this load's): wait
-            # for the program's stores (bar.sync also orders its global memory).  Without it, k = 129 read
-            # unscaled scores and gave NaN (H100, 2026-12-07).
-            tl.debug_barrier()
     else:
         lane_max = tl.full((ROWS, W), float("-inf"), tl.float32)
         for it in tl.range(IT, loop_unroll_factor=UNROLL):
             cols = it * W + tl.arange(0, W)
-            x, ok = _scores(s_ptr, m_ptr, row_off, mrow_off, k, cols, valid_row, scale, HAS_MASK, m_stride_k)
+            x, ok = _scores(s_ptr, m_ptr, row_off, mrow_off, k, cols, valid_row, scale, HAS_MASK, m_stride_k, False)
             lane_max = tl.maximum(lane_max, x)
             if STAGED:
                 tl.store(s_ptr + row_off[:, None] + cols[None, :], x.to(tl.bfloat16), mask=ok)
         row_max = tl.reduce(lane_max, 1, tl.standard._elementwise_max)
+    if STAGED:
+        # the passes below may read these values from other threads (Triton picks each tensor's layout): wait
+        # for the program's stores (bar.sync also orders its global memory).  Without it, k = 129 read
+        # unscaled scores and gave NaN (H100, 2026-12-07).
+        tl.debug_barrier()
 
     # each lane's sum, in its element order.  UNROLL: the same adds in the same order, but UNROLL iterations'
     # loads issue together instead of one cache round trip per element (64 per pass at k = 2048).
@@ -208,7 +208,13 @@ def _kernel(interpret: bool):
     # k and the mask's strides are specialised (Triton notes which are multiples of 16): then the row loads are
     # 16-byte vectors, not one 2-byte load an element.  The row counts are not (one build for every batch).
     return jit(_eager_probs_kernel, interpret, ["n_rows", "n_h", "n_q"],
-               helpers=(_rne_bf16, _expf, _scores, _lane_sum, _write_probs, _bf16_bits, _staged_or_scores))
+               helpers=(_rne_bf16, _expf, _scores, _lane_sum, _write_probs, _bf16_bits))
+
+
+def row_bucket(k: int) -> int:
+    """The next power of two >= ``k``: the unit in which ATen's warp softmax lays a row out (and this kernel
+    is specialised)."""
+    return 1 << max(k - 1, 0).bit_length()
 
 
 def applies(scores: torch.Tensor, mask: torch.Tensor | None) -> bool:
@@ -231,7 +237,7 @@ def eager_probs_(scores: torch.Tensor, mask: torch.Tensor | None, scaling: float
     """Replace BF16 ``scores`` ``[b, h, q, k]`` by ``softmax((scores * scaling) + mask, -1, float32).to(bf16)``
     in place, bit for bit as ATen computes it (module docstring).  The caller checks :func:`applies`."""
     b, h, q, k = scores.shape
-    p = 1 << max(k - 1, 0).bit_length()  # next power of two >= k
+    p = row_bucket(k)
     w = min(p, 32)
     n_rows = b * h * q
     if mask is None:
@@ -244,5 +250,6 @@ def eager_probs_(scores: torch.Tensor, mask: torch.Tensor | None, scaling: float
     _kernel(interpret)[grid](
         scores, m, n_rows, k, h, q, float(scaling), *strides,
         W=w, IT=p // w, LOG_W=w.bit_length() - 1, HAS_MASK=mask is not None, ROWS=t.rows, LIBDEVICE=not interpret,
-        UNROLL=t.unroll, STAGED=t.staged, WHOLE=t.whole, num_warps=t.warps, enable_fp_fusion=False, enable_reflect_ftz=False,
+        UNROLL=t.unroll, STAGED=t.staged, WHOLE=t.whole,
+        num_warps=t.warps, enable_fp_fusion=False, enable_reflect_ftz=False,
     )

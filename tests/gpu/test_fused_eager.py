@@ -88,8 +88,8 @@ def test_attention_equals_the_families_eager(k):
 
 def test_a_differing_stock_turns_the_fast_path_off():
     # A family whose eager attention differs (another scaling; note that scaling the queries by 1/8 first or a
-    # BF16-output softmax give stock eager's bits exactly, so they cannot serve here): the self-check must notice, return
-    # the family's result, and keep to the stock path from then on.
+    # BF16-output softmax give stock eager's bits exactly, so they cannot serve here): the self-check must
+    # notice, return the family's result, and keep to the stock path from then on.
     mod = llama_attention()
     fam = sys.modules[type(mod).__module__]
 
